@@ -1,0 +1,207 @@
+"""Make layers of any model plastic: record each layer's output and post signal during
+``model(x)`` and turn them into the surrogate loss of its rule (Miconi 2021).
+
+    plastic = hebbloss.attach(model, rule="oja")
+    model(x)
+    plastic.loss().backward()     # gradients = minus the rule's updates
+    optimizer.step()
+    plastic.remove()              # the model is exactly as before
+
+The model is never wrapped, renamed or given new state; the handle is an ``nn.Module`` whose
+``state_dict`` holds the state of the post-synaptic signals (e.g. k-WTA thresholds).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import layers, rules
+from .hooks import HookOwner
+from .selection import Targets, name_matches, select_layers
+from .surrogate import surrogate_loss
+
+_PLASTIC_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class Record:
+    """What one call of a plastic layer left: its output z, its post signal y and its surrogate term."""
+
+    output: torch.Tensor
+    post: torch.Tensor
+    loss: torch.Tensor
+
+
+def _post_key(name: str) -> str:
+    return name.replace(".", "/") or "(model)"
+
+
+class Plasticity(nn.Module):
+    """Handle returned by :func:`attach`; see there. ``state_dict`` holds the post signals' state."""
+
+    def __init__(self, model, chosen, rule_of, post_of, reduction, detach_input):
+        super().__init__()
+        self.reduction = reduction
+        self.detach_input = detach_input
+        self.layers: Dict[str, nn.Module] = dict(chosen)
+        self.rules: Dict[str, rules.Rule] = rule_of
+        self.posts = nn.ModuleDict({_post_key(n): p for n, p in post_of.items() if isinstance(p, nn.Module)})
+        self._post_fns: Dict[str, Post] = post_of
+        self.records: Dict[str, List[Record]] = {n: [] for n in self.layers}
+        self._hooks = HookOwner()
+        self._model_name = type(model).__name__
+        for name, module in self.layers.items():
+            if detach_input:
+                self._hooks.add(module.register_forward_pre_hook(_detach_inputs))
+            self._hooks.add(module.register_forward_hook(self._make_hook(name)))
+            _PLASTIC_LAYERS.add(module)
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return
+            self.records[name].append(self._record(name, module, args, output))
+        return hook
+
+    def _record(self, name, module, args, output) -> Record:
+        post_fn = self._post_fns[name]
+        with torch.no_grad():
+            if isinstance(post_fn, nn.Module):
+                post_fn.train(module.training)
+            post = output.detach() if post_fn is None else post_fn(output.detach())
+        if not isinstance(post, torch.Tensor) or post.shape != output.shape:
+            shape = tuple(post.shape) if isinstance(post, torch.Tensor) else type(post).__name__
+            raise ValueError(
+                f"the post signal of layer '{name}' has shape {shape}, but the layer's output has shape "
+                f"{tuple(output.shape)}; post must map the output to a tensor of the same shape"
+            )
+        local = output
+        if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
+            local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        loss = surrogate_loss(module, local, post, self.rules[name], self.reduction)
+        return Record(output, post, loss)
+
+    def loss(self) -> torch.Tensor:
+        """Sum of the surrogate terms recorded since the last call, which it clears.
+
+        Raises (and clears nothing) when nothing was recorded, under ``torch.no_grad``, or when a
+        layer's output or post signal holds NaN or Inf.
+        """
+        if not torch.is_grad_enabled():
+            raise RuntimeError("plastic.loss() was called under torch.no_grad(); call it where gradients are enabled")
+        terms = [r.loss for recs in self.records.values() for r in recs]
+        if not terms:
+            raise RuntimeError(
+                f"no forward pass of {self._model_name} was recorded since the last loss(): run model(x) with "
+                "gradients enabled (not under torch.no_grad() or torch.inference_mode()) before plastic.loss()"
+            )
+        total = torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+        if not torch.isfinite(total):
+            self._raise_non_finite()
+        for recs in self.records.values():
+            recs.clear()
+        return total
+
+    def _raise_non_finite(self):
+        for name, recs in self.records.items():
+            for r in recs:
+                for what, t in (("output", r.output), ("post signal", r.post)):
+                    if not torch.isfinite(t).all():
+                        raise FloatingPointError(
+                            f"layer '{name}' produced NaN or Inf in its {what}; lower the learning rate, "
+                            "normalise the input, or use a rule with decay (instar, oja)"
+                        )
+        raise FloatingPointError("the surrogate loss overflowed to Inf; lower the learning rate or normalise the input")
+
+    def plastic_parameters(self) -> List[nn.Parameter]:
+        """The weights and biases the rules update (pass them to an optimizer)."""
+        return [p for m in self.layers.values() for p in layers.plastic_parameters(m)]
+
+    def remove(self) -> None:
+        """Take every hook off and forget the records: the model is exactly as before attach()."""
+        self._hooks.remove()
+        for module in self.layers.values():
+            _PLASTIC_LAYERS.discard(module)
+        for recs in self.records.values():
+            recs.clear()
+
+    def __enter__(self) -> "Plasticity":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def extra_repr(self) -> str:
+        return "\n".join(f"{n or '(model)'}: {type(m).__name__}, rule={self.rules[n]!r}" for n, m in self.layers.items())
+
+
+def _detach_inputs(module, args):
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _copy_post(post: Post, module: nn.Module) -> Post:
+    """A per-layer copy of a stateful post module, bound to the layer's number of units."""
+    if not isinstance(post, nn.Module):
+        return post
+    post = copy.deepcopy(post)
+    if hasattr(post, "bind"):
+        post.bind(layers.layer_type_of(module).num_units(module.weight if not layers._is_pruned(module) else module.weight_orig, layers.groups_of(module)))
+    return post
+
+
+def attach(
+    model: nn.Module,
+    rule: Union[str, rules.Rule] = "hebb",
+    post: Post = None,
+    targets: Targets = None,
+    overrides: Optional[Mapping[str, Mapping[str, object]]] = None,
+    reduction: str = "sum",
+    detach_input: bool = True,
+) -> Plasticity:
+    """Make the chosen layers of ``model`` plastic under ``rule`` and return the handle.
+
+    rule: a rule name or :class:`hebbloss.rules.Rule` for every chosen layer.
+    post: callable mapping a layer's output z to its post signal y (default: y = z). A stateful
+        ``nn.Module`` is copied for each layer (and ``bind(num_units)`` is called on the copy).
+    targets: which layers (see :mod:`hebbloss.selection`); default every supported layer.
+    overrides: ``{pattern: {"rule": ..., "post": ...}}`` per layer name (same matching as targets;
+        later patterns win).
+    reduction: "sum" (the rule's update) or "mean" (divided by samples x positions).
+    detach_input: True (default) feeds each plastic layer a detached input, so no gradient - neither
+        a surrogate's nor a task loss's - passes a plastic layer back to earlier ones, and backward
+        skips input gradients. False keeps the model's graph whole for mixing with backprop; each
+        surrogate is then computed on a re-run of its layer on the detached input (one extra forward).
+    Every check runs before any hook is placed.
+    """
+    rule_obj = rules.get(rule)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    chosen = select_layers(model, targets)
+    again = [n or "(model)" for n, m in chosen if m in _PLASTIC_LAYERS]
+    if again:
+        raise ValueError(
+            f"layers {', '.join(again)} are already plastic under another hebbloss.attach(); "
+            "call .remove() on that handle first"
+        )
+    rule_of = {n: rule_obj for n, _ in chosen}
+    post_of = {n: post for n, _ in chosen}
+    for pattern, settings in (overrides or {}).items():
+        unknown = set(settings) - {"rule", "post"}
+        if unknown:
+            raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: 'rule', 'post'")
+        hit = [n for n, _ in chosen if name_matches(pattern, n)]
+        if not hit:
+            raise ValueError(f"overrides pattern {pattern!r} matches none of the plastic layers: {', '.join(n for n, _ in chosen)}")
+        for n in hit:
+            if "rule" in settings:
+                rule_of[n] = rules.get(settings["rule"])
+            if "post" in settings:
+                post_of[n] = settings["post"]
+    post_of = {n: _copy_post(post_of[n], m) for n, m in chosen}
+    return Plasticity(model, chosen, rule_of, post_of, reduction, detach_input)

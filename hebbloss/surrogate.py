@@ -1,0 +1,69 @@
+"""The surrogate loss whose negative gradient is a local rule's update (Miconi 2021).
+
+For a layer with output z = W x_patch + b and a detached post-synaptic signal y:
+
+    L(W) = - sum_{b,c,p} y * z(W)  +  1/2 * sum_c S_c * (||W_c||^2 + b_c^2),   S_c = sum_{b,p} s(y, z)
+    =>  -dL/dW_c = sum_{b,p} y * x_patch - S_c * W_c
+
+so one optimizer step on L is one step of the rule, computed by the framework's own kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import layers, rules
+
+_REDUCTIONS = ("sum", "mean")
+
+
+def _weight_and_type(layer: Union[nn.Module, torch.Tensor]):
+    """(effective weight, bias, LayerType, groups) for a module or a bare [out, ...] weight."""
+    if isinstance(layer, torch.Tensor):
+        kind = layers.linear.LINEAR if layer.dim() == 2 else layers.conv.CONV.get(layer.dim() - 2)
+        if kind is None:
+            raise ValueError(f"a bare weight must have 2 (linear) to 5 (conv3d) dimensions, got shape {tuple(layer.shape)}")
+        return layer, None, kind, 1
+    kind = layers.layer_type_of(layer)
+    return layer.weight, layer.bias, kind, layers.groups_of(layer)
+
+
+def surrogate_loss(
+    layer: Union[nn.Module, torch.Tensor],
+    output: torch.Tensor,
+    post: torch.Tensor,
+    rule: Union[str, rules.Rule] = "hebb",
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Scalar L whose negative gradient w.r.t. the layer's weight and bias is the rule's update.
+
+    layer: the module that produced ``output`` (its weight layout is read from it), or a bare
+        weight tensor in the [out, ...] layout (then no bias term).
+    output: z, the layer's output, still attached to the graph of its weight.
+    post: y, the post-synaptic signal, same shape as ``output`` (detached here).
+    rule: a name from :func:`hebbloss.rules.available` or a :class:`hebbloss.rules.Rule`.
+    reduction: "sum" gives exactly the rule's update; "mean" divides L by the number of
+        (sample, position) pairs N, so SGD with learning rate lr*N reproduces "sum" with lr.
+    """
+    rule = rules.get(rule)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if post.shape != output.shape:
+        raise ValueError(f"post has shape {tuple(post.shape)} but the layer's output has shape {tuple(output.shape)}")
+    weight, bias, kind, groups = _weight_and_type(layer)
+    post = post.detach()
+    loss = -torch.dot(post.reshape(-1), output.reshape(-1))
+    density = rule.decay(post, output.detach())
+    if density is not None:
+        cdim = kind.channel_dim(output)
+        dims = [d for d in range(output.dim()) if d != cdim]
+        decay = density.sum(dim=dims) if dims else density
+        norm_sq = kind.unit_weights(weight, groups).pow(2).sum(dim=1)
+        if bias is not None:
+            norm_sq = norm_sq + bias.pow(2)
+        loss = loss + 0.5 * torch.dot(decay.to(norm_sq.dtype), norm_sq)
+    if reduction == "mean":
+        loss = loss / max(1, output.numel() // output.shape[kind.channel_dim(output)])
+    return loss
