@@ -1,0 +1,12 @@
+"""Image datasets as uint8 tensors, decoded once and cached on disk, with fast tensor batching.
+
+    ds = hebbloss.data.load_dataset("mnist-mini")               # embedded, offline
+    ds = hebbloss.data.load_dataset("cifar10", data_dir="/work/shared/datasets")
+    for x, y in hebbloss.data.batches(ds.train_images, ds.train_labels, 256, shuffle=True):
+        ...
+"""
+from .batching import batches
+from .dataset import ImageDataset
+from .registry import DEFAULT_DATASET, DatasetMissing, available_datasets, load_dataset
+
+__all__ = ["DEFAULT_DATASET", "DatasetMissing", "ImageDataset", "available_datasets", "batches", "load_dataset"]
