@@ -1,0 +1,52 @@
+"""Soft winner-take-all post signal of SoftHebb (Journe et al. 2023, "Hebbian deep learning
+without feedback", ICLR).
+
+y = softmax(beta * u) over channels; with ``anti_hebbian`` the winner (argmax u) keeps +y and
+every other channel gets -y, so losers are pushed away from the input (anti-Hebbian).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._channels import channel_axis
+
+
+def soft_wta(u: torch.Tensor, inverse_temperature: float, axis: int, anti_hebbian: bool = True) -> torch.Tensor:
+    """softmax(beta*u) along ``axis``; with anti_hebbian, minus it for every non-winner (Journe et al. 2023)."""
+    y = torch.softmax(inverse_temperature * u, dim=axis)
+    if not anti_hebbian:
+        return y
+    winner = torch.zeros_like(u).scatter_(axis, u.argmax(dim=axis, keepdim=True), 1.0)
+    return torch.where(winner.bool(), y, -y)
+
+
+class SoftWTA(nn.Module):
+    """SoftHebb's post signal: ``attach(model, rule="softhebb", post=SoftWTA(1.0))``.
+
+    inverse_temperature: beta > 0 (the paper's 1 / 0.65 / 0.25 for its three CIFAR-10 layers).
+    anti_hebbian: losers get -softmax (SoftHebb); False gives the plain soft-WTA.
+    channel_dim: axis of the channels (1 for conv, -1 for Linear, 0 for unbatched conv outputs).
+    Stateless: nothing to save.
+    """
+
+    def __init__(self, inverse_temperature: float = 1.0, anti_hebbian: bool = True, channel_dim: int = 1):
+        super().__init__()
+        beta = float(inverse_temperature)
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(
+                f"SoftWTA: inverse_temperature must be a finite number > 0 (a temperature cannot be negative "
+                f"or zero), got {inverse_temperature!r}"
+            )
+        self.inverse_temperature = beta
+        self.anti_hebbian = bool(anti_hebbian)
+        self.channel_dim = channel_dim
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        axis = channel_axis(u, self.channel_dim, "SoftWTA")
+        return soft_wta(u, self.inverse_temperature, axis, self.anti_hebbian)
+
+    def extra_repr(self) -> str:
+        return f"inverse_temperature={self.inverse_temperature}, anti_hebbian={self.anti_hebbian}, channel_dim={self.channel_dim}"
