@@ -30,6 +30,37 @@ def _weight_and_type(layer: Union[nn.Module, torch.Tensor]):
     return layer.weight, layer.bias, kind, layers.groups_of(layer)
 
 
+def _per_unit(kind, weight: torch.Tensor, groups: int, unit_values: torch.Tensor) -> torch.Tensor:
+    """``unit_values`` [units] shaped to broadcast against ``weight`` along its unit dimension(s)."""
+    if not kind.transposed:
+        return unit_values.view(-1, *([1] * (weight.dim() - 1)))
+    out_per_group = weight.shape[1]
+    per_group = unit_values.view(groups, 1, out_per_group, *([1] * (weight.dim() - 2)))
+    return per_group.expand(groups, weight.shape[0] // groups, *per_group.shape[2:]).reshape(
+        weight.shape[0], out_per_group, *([1] * (weight.dim() - 2)))
+
+
+class _UnitDecay(torch.autograd.Function):
+    """1/2 * sum_c S_c * ||W_c||^2 with backward S_c * W_c in one pass (no W**2 temporary).
+
+    Forward takes each unit's squared norm with one fused reduction; backward scales W by the
+    per-unit coefficient. Equal to autograd of the plain expression, with fewer passes over W.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, decay, kind, groups):
+        units = kind.unit_weights(weight, groups)
+        norm_sq = torch.linalg.vector_norm(units, dim=1).square()
+        ctx.save_for_backward(weight, decay)
+        ctx.kind, ctx.groups = kind, groups
+        return 0.5 * torch.dot(decay, norm_sq)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, decay = ctx.saved_tensors
+        return weight * _per_unit(ctx.kind, weight, ctx.groups, decay * grad), None, None, None
+
+
 def surrogate_loss(
     layer: Union[nn.Module, torch.Tensor],
     output: torch.Tensor,
@@ -59,11 +90,10 @@ def surrogate_loss(
     if density is not None:
         cdim = kind.channel_dim(output)
         dims = [d for d in range(output.dim()) if d != cdim]
-        decay = density.sum(dim=dims) if dims else density
-        norm_sq = kind.unit_weights(weight, groups).pow(2).sum(dim=1)
+        decay = (density.sum(dim=dims) if dims else density).to(weight.dtype)
+        loss = loss + _UnitDecay.apply(weight, decay, kind, groups)
         if bias is not None:
-            norm_sq = norm_sq + bias.pow(2)
-        loss = loss + 0.5 * torch.dot(decay.to(norm_sq.dtype), norm_sq)
+            loss = loss + 0.5 * torch.dot(decay, bias * bias)
     if reduction == "mean":
         loss = loss / max(1, output.numel() // output.shape[kind.channel_dim(output)])
     return loss

@@ -1,0 +1,179 @@
+"""Time one Hebbian step against one backprop step and a hand-written explicit update.
+
+Hebbian step:  forward with hebbloss.attach + plastic.loss() + backward + SGD step.
+Backprop step: forward + cross-entropy of a linear head + backward + SGD step, same model.
+Hand-written:  forward under no_grad keeping each layer's input, then per layer the rule's update
+               dW = conv_weight_grad(x, y) - S*W (aten.convolution_backward with only the weight
+               output, as torch.nn.grad.conv2d_weight does) applied in place.
+All three use Oja's rule with a ReLU post signal on every conv layer (the Linear head is not plastic).
+
+    python benchmarks/step_time.py                 # prints medians and ratios, writes JSON
+    python benchmarks/step_time.py --device cuda --batch 256
+
+Targets (issue 2): Hebbian <= 0.85 x backprop, Hebbian <= 1.05 x hand-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hebbloss  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
+LR = 1e-9  # small enough that Oja stays stable (lr * S_c << 2) for any number of timed steps
+
+
+def conv3_net() -> nn.Module:
+    """The 3-layer conv net of Miconi 2021's size: 100-196-400 channels, kernels 5-3-3, 32x32 input."""
+    return nn.Sequential(
+        nn.Conv2d(3, 100, 5), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(100, 196, 3), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(196, 400, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(400, 10),
+    )
+
+
+def resnet18() -> nn.Module:
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+MODELS = {"conv3_100_196_400": conv3_net, "timm_resnet18": resnet18}
+
+
+def hebbian_step(model, plastic, optimizer, x, y):
+    model(x)
+    optimizer.zero_grad(set_to_none=True)
+    plastic.loss().backward()
+    optimizer.step()
+
+
+def backprop_step(model, params, optimizer, x, y):
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+class HandWritten:
+    """Explicit Oja update on every conv, as a researcher writes it without autograd."""
+
+    def __init__(self, model):
+        self.convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        self.inputs = {}
+        self.handles = [c.register_forward_hook(self._keep) for c in self.convs]
+
+    def _keep(self, module, args, output):
+        self.inputs[module] = (args[0], output)
+
+    @torch.no_grad()
+    def step(self, model, x):
+        model(x)
+        for conv in self.convs:
+            inp, z = self.inputs.pop(conv)
+            post = torch.relu(z)
+            decay = (post * post).sum(dim=(0, 2, 3))
+            grad_w = torch.ops.aten.convolution_backward(
+                post, inp, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                False, [0, 0], conv.groups, [False, True, False])[1]
+            grad_w.sub_(decay.view(-1, 1, 1, 1) * conv.weight)
+            conv.weight.add_(grad_w, alpha=LR)
+            if conv.bias is not None:
+                conv.bias.add_(post.sum(dim=(0, 2, 3)) - decay * conv.bias, alpha=LR)
+
+
+def interleaved_medians(steps: dict, warmup: int, repeat: int, device: str) -> dict:
+    """Median seconds of each step, timed round-robin (rotating order) so that all see the same load."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    names = list(steps)
+    times = {n: [] for n in names}
+    for r in range(repeat):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            steps[n]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def bench_model(name, batch, size, device, warmup, repeat):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    bp_model = MODELS[name]().to(device)
+    bp_params = list(bp_model.parameters())
+    bp_opt = torch.optim.SGD(bp_params, lr=LR)
+
+    heb_model = MODELS[name]().to(device)
+    plastic = hebbloss.attach(heb_model, rule="oja", post=torch.relu, targets=nn.Conv2d)
+    heb_opt = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
+
+    hand_model = MODELS[name]().to(device)
+    hand = HandWritten(hand_model)
+
+    out = interleaved_medians({
+        "backprop_s": lambda: backprop_step(bp_model, bp_params, bp_opt, x, y),
+        "hebbian_s": lambda: hebbian_step(heb_model, plastic, heb_opt, x, y),
+        "hand_written_s": lambda: hand.step(hand_model, x),
+    }, warmup, repeat, device)
+    plastic.remove()
+    out["hebbian_over_backprop"] = out["hebbian_s"] / out["backprop_s"]
+    out["hebbian_over_hand_written"] = out["hebbian_s"] / out["hand_written_s"]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    results = {}
+    print(f"{'model':<22}{'backprop':>12}{'hebbian':>12}{'hand-written':>14}{'heb/bp':>9}{'heb/hand':>10}")
+    for name in args.models:
+        r = bench_model(name, args.batch, args.size, args.device, args.warmup, args.repeat)
+        results[name] = r
+        print(f"{name:<22}{r['backprop_s']*1e3:>10.1f}ms{r['hebbian_s']*1e3:>10.1f}ms{r['hand_written_s']*1e3:>12.1f}ms"
+              f"{r['hebbian_over_backprop']:>9.3f}{r['hebbian_over_hand_written']:>10.3f}")
+    record = {
+        "benchmark": "step_time",
+        "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batch": args.batch, "input_size": args.size, "repeat": args.repeat,
+        "targets": {"hebbian_over_backprop": 0.85, "hebbian_over_hand_written": 1.05},
+        "models": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
