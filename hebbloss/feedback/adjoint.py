@@ -1,0 +1,127 @@
+"""The two halves of a layer's backward pass, as pure functions of the error delta = dL/dz.
+
+For z = W * x + b (Linear, or a convolution with any stride, padding, dilation and groups):
+- the input gradient is the transposed operator applied to delta, here with any weight B in
+  place of W (B = W is backprop; B != W is feedback alignment, Lillicrap et al. 2016);
+- the weight gradient is delta * x^T (Hebbian in delta and x; Amit 2019 gives B the same one).
+Both use ``torch.ops.aten.convolution_backward`` (the kernel autograd itself calls for convolutions)
+and plain matrix products for Linear; they are computed in delta's dtype (autocast) and returned
+in the dtype of x and B.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # timm's TensorFlow-style "SAME" convolution pads its input dynamically
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+except ImportError:  # pragma: no cover - timm is a dependency
+    Conv2dSame = None
+
+
+def linear_input_grad(delta: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+    """delta @ B for z = x W^T + b over any leading dimensions (B of W's shape [out, in])."""
+    return delta @ feedback.to(delta.dtype)
+
+
+def linear_weight_grad(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum over samples and leading dimensions of delta x^T, shape [out, in]."""
+    return delta.reshape(-1, delta.shape[-1]).t() @ x.to(delta.dtype).reshape(-1, x.shape[-1])
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How an N-d convolution maps its input: optional explicit padding (F.pad order), then a conv.
+
+    pads is None when the padding is symmetric zeros, passed to the convolution as ``padding``.
+    """
+
+    dims: int
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    pads: Optional[Tuple[int, ...]] = None
+    mode: str = "constant"
+
+
+def conv_geometry(module: nn.Module, x: torch.Tensor) -> ConvGeometry:
+    """The geometry ``module`` (nn.Conv1d/2d/3d or timm's Conv2dSame) uses on input ``x``."""
+    dims = len(module.kernel_size)
+    common = dict(dims=dims, stride=tuple(module.stride), dilation=tuple(module.dilation), groups=module.groups)
+    if Conv2dSame is not None and isinstance(module, Conv2dSame):
+        pads = pad_same_arg(list(x.shape[-2:]), list(module.weight.shape[-2:]), module.stride, module.dilation)
+        return _symmetric_or_explicit(pads, "constant", common)
+    if module.padding_mode != "zeros":
+        return ConvGeometry(padding=(0,) * dims, pads=tuple(module._reversed_padding_repeated_twice),
+                            mode=module.padding_mode, **common)
+    if isinstance(module.padding, str):  # "same" (possibly one more on the right) or "valid"
+        return _symmetric_or_explicit(list(module._reversed_padding_repeated_twice), "constant", common)
+    return ConvGeometry(padding=tuple(module.padding), **common)
+
+
+def _symmetric_or_explicit(pads: Sequence[int], mode: str, common: dict) -> ConvGeometry:
+    pads = [int(p) for p in pads]
+    left, right = pads[0::2], pads[1::2]  # last dimension first, as F.pad wants
+    if left == right:
+        return ConvGeometry(padding=tuple(reversed(left)), **common)
+    return ConvGeometry(padding=(0,) * common["dims"], pads=tuple(pads), mode=mode, **common)
+
+
+def _batched(t: torch.Tensor, dims: int) -> torch.Tensor:
+    return t if t.dim() == dims + 2 else t.unsqueeze(0)
+
+
+def _padded_shape(shape: torch.Size, pads: Sequence[int]) -> List[int]:
+    out = list(shape)
+    for i in range(len(pads) // 2):
+        out[-1 - i] += pads[2 * i] + pads[2 * i + 1]
+    return out
+
+
+def _conv_backward(delta, x, weight, geom: ConvGeometry, mask):
+    return torch.ops.aten.convolution_backward(
+        delta, x, weight, None, geom.stride, geom.padding, geom.dilation, False,
+        [0] * geom.dims, geom.groups, mask,
+    )
+
+
+def conv_input_grad(delta: torch.Tensor, x: torch.Tensor, feedback: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """The transposed convolution of delta with B (then the adjoint of the input padding)."""
+    unbatched = x.dim() == geom.dims + 1
+    xb, db = _batched(x, geom.dims), _batched(delta, geom.dims)
+    fb = feedback.to(delta.dtype)
+    if geom.pads is None:
+        shape_src = xb.to(delta.dtype) if xb.dtype != delta.dtype else xb
+    else:  # only the shape of the padded input is read for the input gradient
+        shape_src = db.new_empty(()).expand(_padded_shape(xb.shape, geom.pads))
+    grad = _conv_backward(db, shape_src, fb, geom, [True, False, False])[0]
+    if geom.pads is not None:
+        grad = _unpad(grad, xb, geom)
+    grad = grad.to(x.dtype)
+    return grad.squeeze(0) if unbatched else grad
+
+
+def _unpad(grad: torch.Tensor, xb: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """Adjoint of F.pad: a crop for zero padding, autograd's own for reflect/replicate/circular."""
+    if geom.mode == "constant" and min(geom.pads) >= 0:
+        index = [slice(None)] * grad.dim()
+        for i in range(len(geom.pads) // 2):
+            index[grad.dim() - 1 - i] = slice(geom.pads[2 * i], geom.pads[2 * i] + xb.shape[-1 - i])
+        return grad[tuple(index)]
+    _, pullback = torch.func.vjp(lambda t: F.pad(t, list(geom.pads), mode=geom.mode), xb.to(grad.dtype))
+    return pullback(grad)[0]
+
+
+def conv_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """delta * x^T for a convolution: the gradient of its weight (of ``weight``'s shape)."""
+    xb, db = _batched(x, geom.dims).to(delta.dtype), _batched(delta, geom.dims)
+    if geom.pads is not None:
+        xb = F.pad(xb, list(geom.pads), mode=geom.mode)
+    grad = _conv_backward(db, xb, weight.to(delta.dtype), geom, [False, True, False])[1]
+    return grad.to(weight.dtype)

@@ -1,0 +1,263 @@
+"""Train any model without weight symmetry: each chosen layer's backward uses feedback weights B
+for its input gradient, while its weight gradient stays delta * x^T (Lillicrap et al. 2016;
+Liao et al. 2016; Moskovitz, Litwin-Kumar & Abbott 2018; Amit 2019; Akrout et al. 2019).
+
+    fb = hebbloss.feedback.convert(model, "fa")      # or bp, usf, frsf, brsf, urfb, kp
+    loss_fn(model(x), y).backward(); optimizer.step()
+    fb.remove()                                      # the model is exactly as before
+
+Design (one forward, no copies, any forward that is linear in W):
+1. a forward pre-hook keeps the layer's input x and hands the layer ``x.detach()``; the layer's
+   own forward (its padding mode, timm's dynamic "SAME" padding, pruning masks, autocast) then
+   builds a graph to W and b only, so autograd computes the weight and bias gradients exactly as
+   in backprop and skips the input gradient;
+2. a forward hook returns the layer's output through ``_FeedbackGrad``, an autograd.Function whose
+   forward is the identity (a detached alias, so later in-place ops such as ReLU(inplace=True) stay
+   legal) and whose backward passes delta on to the layer's graph and returns the input gradient
+   computed with B (:mod:`hebbloss.feedback.adjoint`), plus, for trainable B (urfb, kp), B's
+   gradient delta * x^T (and the Kolen-Pollack decay terms).
+The cost is that of backprop, plus one weight-gradient product per layer for urfb and kp.
+The model keeps its module instances and state_dict keys; B (or its magnitude M) is added to each
+layer as a persistent entry ``feedback_weight`` (buffer, or Parameter for urfb/kp) or
+``feedback_magnitude`` (buffer), and ``remove()`` deletes it again.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Dict, Iterator, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .. import layers
+from ..hooks import HookOwner
+from ..selection import Targets, select_layers
+from . import adjoint, modes
+from .locally_connected import LocallyConnected2d, LocalAdjoint
+
+_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED = "Linear, Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups), timm Conv2dSame, LocallyConnected2d"
+
+
+class _FeedbackGrad(torch.autograd.Function):
+    """Identity on the layer's output; backward: input gradient with B, B's gradient delta x^T."""
+
+    @staticmethod
+    def forward(ctx, output, x, weight, feedback, adj, decay):
+        ctx.adj, ctx.decay = adj, decay
+        ctx.save_for_backward(x, weight, feedback)
+        return output.detach()  # an alias, not a view: later in-place ops stay legal
+
+    @staticmethod
+    def backward(ctx, delta):
+        x, weight, feedback = ctx.saved_tensors
+        grad_x = ctx.adj.input_grad(delta, x, feedback) if ctx.needs_input_grad[1] else None
+        grad_w = ctx.decay * weight if ctx.needs_input_grad[2] else None
+        grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = ctx.adj.weight_grad(delta, x, feedback)
+            if ctx.decay:
+                grad_b = grad_b + ctx.decay * feedback
+        return delta, grad_x, grad_w, grad_b, None, None
+
+
+class _LinearAdjoint:
+    @staticmethod
+    def input_grad(delta, x, feedback):
+        return adjoint.linear_input_grad(delta, feedback).to(x.dtype)
+
+    @staticmethod
+    def weight_grad(delta, x, feedback):
+        return adjoint.linear_weight_grad(delta, x).to(feedback.dtype)
+
+
+class _ConvAdjoint:
+    def __init__(self, geom: adjoint.ConvGeometry):
+        self.geom = geom
+
+    def input_grad(self, delta, x, feedback):
+        return adjoint.conv_input_grad(delta, x, feedback, self.geom)
+
+    def weight_grad(self, delta, x, feedback):
+        return adjoint.conv_weight_grad(delta, x, feedback, self.geom)
+
+
+class _Layer:
+    """One converted layer: its mode, its decay and the input of the call under way."""
+
+    def __init__(self, name: str, module: nn.Module, mode: modes.Mode, decay: float, generator):
+        self.name, self.module, self.mode, self.decay, self.generator = name, module, mode, decay, generator
+        self.x: Optional[torch.Tensor] = None
+        self.active = True
+
+    def adjoint_for(self, x: torch.Tensor):
+        if isinstance(self.module, LocallyConnected2d):
+            return LocalAdjoint(self.module)
+        if isinstance(self.module, _CONV):
+            return _ConvAdjoint(adjoint.conv_geometry(self.module, x))
+        return _LinearAdjoint
+
+    def pre_hook(self, module, args, kwargs):
+        self.x = None
+        if not self.active or not torch.is_grad_enabled():
+            return None
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return None
+        if self.mode.redraw and module.training:
+            with torch.no_grad():
+                entry = getattr(module, self.mode.entry)
+                entry.copy_(modes.random_like(module.weight, self.generator))
+        self.x = x
+        if not x.requires_grad:
+            return None
+        if args:
+            return (x.detach(),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "input": x.detach()}
+
+    def forward_hook(self, module, args, kwargs, output):
+        x, self.x = self.x, None
+        if x is None or not isinstance(output, torch.Tensor):
+            return None
+        feedback = self.mode.feedback(module)
+        trains_b = self.mode.trainable and feedback.requires_grad
+        if not (x.requires_grad or trains_b):
+            return None
+        weight = module.weight if self.mode.decays else None
+        return _FeedbackGrad.apply(output, x, weight, feedback, self.adjoint_for(x), self.decay)
+
+
+class Feedback:
+    """Handle returned by :func:`convert`: the converted layers, their B, and ``remove()``."""
+
+    def __init__(self, model: nn.Module, mode: modes.Mode, chosen: Dict[str, _Layer]):
+        self.mode = mode
+        self._model_name = type(model).__name__
+        self._layers = chosen
+        self._hooks = HookOwner()
+
+    @property
+    def layers(self) -> Dict[str, nn.Module]:
+        """The converted layers by qualified name."""
+        return {n: s.module for n, s in self._layers.items()}
+
+    def feedback_weight(self, name: str) -> torch.Tensor:
+        """The feedback weight B that layer ``name`` uses now (detached)."""
+        if name not in self._layers:
+            raise KeyError(f"layer {name!r} is not converted; converted layers: {', '.join(self._layers)}")
+        return self.mode.feedback(self._layers[name].module).detach()
+
+    def feedback_parameters(self) -> List[nn.Parameter]:
+        """The trainable feedback weights (urfb, kp); already among ``model.parameters()``."""
+        if not self.mode.trainable:
+            return []
+        return [getattr(s.module, modes.FEEDBACK_WEIGHT) for s in self._layers.values()]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["Feedback"]:
+        """Within this block the converted layers run plain backprop (their original code path)."""
+        for s in self._layers.values():
+            s.active = False
+        try:
+            yield self
+        finally:
+            for s in self._layers.values():
+                s.active = True
+
+    def remove(self) -> None:
+        """Take every hook and feedback entry off: the model is exactly as before convert()."""
+        self._hooks.remove()
+        for state in self._layers.values():
+            if self.mode.entry is not None and _CONVERTED.get(state.module) is state:
+                delattr(state.module, self.mode.entry)
+            if _CONVERTED.get(state.module) is state:
+                del _CONVERTED[state.module]
+
+    def __enter__(self) -> "Feedback":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Feedback(mode={self.mode.name!r}, model={self._model_name}, layers={list(self._layers)})"
+
+
+def _reason_unsupported(module: nn.Module) -> Optional[str]:
+    if module in _CONVERTED:
+        return "already converted by hebbloss.feedback.convert(); call .remove() on that handle first"
+    if not isinstance(module, LocallyConnected2d):
+        reason = layers._reason_unsupported(module)
+        if reason is not None:
+            return reason
+        if not isinstance(module, (nn.Linear,) + _CONV):
+            return f"{type(module).__name__} cannot be converted to feedback learning (supported: {SUPPORTED})"
+    clash = [n for n in (modes.FEEDBACK_WEIGHT, modes.FEEDBACK_MAGNITUDE) if hasattr(module, n)]
+    if clash:
+        return f"{type(module).__name__} already has an attribute {clash[0]!r}, which convert() would add"
+    return None
+
+
+def _default_target(name: str, module: nn.Module) -> bool:
+    return layers.has_registered_base(module) or isinstance(module, LocallyConnected2d)
+
+
+def convert(
+    model: nn.Module,
+    mode: Union[str, modes.Mode],
+    targets: Targets = None,
+    *,
+    init: modes.Init = "random",
+    weight_decay: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Feedback:
+    """Make the chosen layers of ``model`` learn with feedback weights B instead of W^T.
+
+    mode: "bp", "fa", "usf", "frsf", "brsf", "urfb" or "kp" (see :mod:`hebbloss.feedback.modes`).
+    targets: which layers (see :mod:`hebbloss.selection`); default every Linear/Conv layer.
+    init: initial B (fa, urfb, kp) or M (frsf, brsf): "random" (N(0, std W)), "weight" (a copy of
+        W: urfb/kp then reproduce backprop) or a callable(weight) -> tensor.
+    weight_decay: Kolen-Pollack decay on W and B, added to their gradients (kp only; default 1e-3).
+    generator: torch.Generator for the random draws (default: torch's global RNG).
+    For urfb/kp, B is a new Parameter: build the optimizer after convert() (or add
+    ``handle.feedback_parameters()`` to it). Every check runs before the model is changed.
+    """
+    mode_obj = modes.get(mode)
+    if weight_decay is not None and not mode_obj.decays:
+        raise ValueError(f"weight_decay is the Kolen-Pollack decay of mode 'kp'; mode {mode_obj.name!r} takes none")
+    decay = 1e-3 if weight_decay is None and mode_obj.decays else float(weight_decay or 0.0)
+    if decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if targets is None and not any(_default_target(n, m) for n, m in model.named_modules()):
+        raise ValueError(f"{type(model).__name__} has no layer that can be converted (supported: {SUPPORTED})")
+    chosen = select_layers(model, _default_target if targets is None else targets,
+                           supported=_reason_unsupported, purpose="converted to feedback learning")
+    entries = {}
+    if mode_obj.entry is not None:
+        for name, module in chosen:
+            entries[name] = modes.initial_entry(mode_obj, module.weight, init, generator)
+    states = {name: _Layer(name, module, mode_obj, decay, generator) for name, module in chosen}
+    handle = Feedback(model, mode_obj, states)
+    for name, module in chosen:  # nothing was changed before this line
+        if name in entries:
+            value = entries[name]
+            if mode_obj.trainable:
+                module.register_parameter(mode_obj.entry, nn.Parameter(value))
+            else:
+                module.register_buffer(mode_obj.entry, value, persistent=True)
+        state = states[name]
+        _CONVERTED[module] = state
+        handle._hooks.add(module.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
+        handle._hooks.add(module.register_forward_hook(state.forward_hook, with_kwargs=True))
+    return handle
+
+
+def converted_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The layers of ``model`` that a live :func:`convert` handle has converted, by name."""
+    return {n: m for n, m in model.named_modules() if m in _CONVERTED}
+
+
+def _layer_state(module: nn.Module) -> Optional[_Layer]:
+    return _CONVERTED.get(module)
