@@ -166,6 +166,8 @@ def untie(model: nn.Module, input_size: Sequence[int], targets: Targets = None) 
     """
     chosen = select_layers(model, (lambda n, m: isinstance(m, nn.Conv2d)) if targets is None else targets,
                            supported=_reason_not_untieable, purpose="untied")
+    if any(name == "" for name, _ in chosen):
+        raise ValueError("untie() replaces layers inside a model; for a lone Conv2d use LocallyConnected2d.from_conv(conv, input_size)")
     sizes: Dict[str, set] = {name: set() for name, _ in chosen}
     hooks = HookOwner()
     for name, module in chosen:
