@@ -128,7 +128,7 @@ def test_scaling_of_linear_layer_with_bias():
     plastic.loss().backward()
     gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
     peak = max(float(gw.abs().max()), float(gb.abs().max()))
-    rate = torch.tensor([abs(float(lin.weight[c].norm()) - 1) + 1e-10 for c in range(4)], dtype=D).sqrt()
+    rate = torch.tensor([abs(float(lin.weight.detach()[c].norm()) - 1) + 1e-10 for c in range(4)], dtype=D).sqrt()
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     opt.step()
     assert torch.allclose(lin.weight, w0 - 0.1 * rate[:, None] * gw / peak)
