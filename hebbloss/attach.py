@@ -71,16 +71,24 @@ class Plasticity(nn.Module):
 
     def _record(self, name, module, args, output) -> Record:
         post_fn = self._post_fns[name]
+        version = output._version
         with torch.no_grad():
             if isinstance(post_fn, nn.Module):
                 post_fn.train(module.training)
             post = output.detach() if post_fn is None else post_fn(output.detach())
+        if output._version != version:
+            raise ValueError(
+                f"the post signal of layer '{name}' modified the layer's output in place; pass a post that "
+                "returns a new tensor (e.g. nn.ReLU() rather than nn.ReLU(inplace=True))"
+            )
         if not isinstance(post, torch.Tensor) or post.shape != output.shape:
             shape = tuple(post.shape) if isinstance(post, torch.Tensor) else type(post).__name__
             raise ValueError(
                 f"the post signal of layer '{name}' has shape {shape}, but the layer's output has shape "
                 f"{tuple(output.shape)}; post must map the output to a tensor of the same shape"
             )
+        if post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+            post = post.clone()  # an in-place op after the layer (ReLU(inplace=True)) must not change y
         local = output
         if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])

@@ -1,0 +1,410 @@
+"""attach(): locality, exact restoration by remove(), selection, overrides and awkward layers
+(in-place ops, repeated calls, pruning, timm's Conv2dSame, refused weight transforms). Miconi 2021.
+
+Every gradient is compared in float64 with tests/reference.py, fed the input and output each layer
+actually saw (captured by this file's own forward hooks).
+"""
+import pytest
+import timm.layers
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+import hebbloss
+from reference import D, decay_coefficients, layer_update, rule_update, tf_same_pad
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)  # in place, right after a plastic layer
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, groups=2, padding_mode="reflect", padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = self.act1(self.conv1(x))
+        x = self.up(torch.tanh(self.bn(self.conv2(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _net():
+    return Net().to(D)
+
+
+def _x():
+    return torch.randn(2, 2, 6, 6, dtype=D)
+
+
+class Capture:
+    """This test's own forward hooks: (input, output) clones of every call of the named layers."""
+
+    def __init__(self, model, names):
+        self.seen = {n: [] for n in names}
+        mods = dict(model.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.seen[name].append((args[0].detach().clone(), output.detach().clone()))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _expected(layer, calls, rule, post):
+    """Sum over the layer's calls of the reference update, as [dW, db]."""
+    total = None
+    for x, z in calls:
+        y = z if post is None else post(z)
+        upd = [u for u in rule_update(layer, x, y, z, rule) if u is not None]
+        total = upd if total is None else [t + u for t, u in zip(total, upd)]
+    return total
+
+
+def _assert_grad_is_update(layer, update):
+    params = hebbloss.layers.plastic_parameters(layer)
+    assert len(params) == len(update)
+    for p, u in zip(params, update):
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, -u, **TOL)
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+def _hooks(model):
+    return {(n, d): list(getattr(m, d, {}).keys()) for n, m in model.named_modules() for d in _HOOK_DICTS}
+
+
+# --------------------------------------------------------------------------- exactness in a model
+
+
+@pytest.mark.parametrize("rule", ["hebb", "instar", "oja", "softhebb"])
+def test_every_layer_gets_its_own_rule_update_and_inplace_relu_does_not_spoil_it(rule):
+    model = _net()
+    names = ["conv1", "conv2", "up", "fc"]
+    post = lambda z: torch.relu(z) + 0.1 * z  # noqa: E731
+    plastic = hebbloss.attach(model, rule=rule, post=post)
+    cap = Capture(model, names)
+    model(_x())
+    # the recorded post is y(z) of conv1's output as it left the layer, before act1 changed it in place
+    torch.testing.assert_close(plastic.records["conv1"][0].post, post(cap.seen["conv1"][0][1]), rtol=0, atol=0)
+    plastic.loss().backward()
+    for n in names:
+        layer = getattr(model, n)
+        _assert_grad_is_update(layer, _expected(layer, cap.seen[n], rule, post))
+    plastic.remove()
+    cap.remove()
+
+
+def test_inplace_relu_after_conv_with_identity_post():
+    """post=None makes y alias z; ReLU(inplace=True) right after the conv must not change the update."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1), nn.SiLU(inplace=True)).to(D)
+    plastic = hebbloss.attach(model, rule="oja")
+    cap = Capture(model, ["0", "2"])
+    model(_x())
+    for n in ("0", "2"):
+        torch.testing.assert_close(plastic.records[n][0].post, cap.seen[n][0][1], rtol=0, atol=0)
+    plastic.loss().backward()
+    for n in ("0", "2"):
+        _assert_grad_is_update(model[int(n)], _expected(model[int(n)], cap.seen[n], "oja", None))
+
+
+def test_post_that_modifies_the_output_in_place_is_refused():
+    model = nn.Sequential(nn.Linear(3, 2)).to(D)
+    plastic = hebbloss.attach(model, rule="oja", post=nn.ReLU(inplace=True))
+    with pytest.raises(ValueError, match=r"layer '0' modified the layer's output in place.*nn.ReLU\(\)"):
+        model(torch.randn(4, 3, dtype=D))
+    assert plastic.records["0"] == []
+
+
+def test_a_layer_called_twice_sums_both_records():
+    lin = nn.Linear(3, 3).to(D)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    plastic = hebbloss.attach(model, rule="instar", post=torch.tanh)
+    cap = Capture(model, ["0"])
+    model(torch.randn(5, 3, dtype=D))
+    assert len(plastic.records["0"]) == 2 and len(cap.seen["0"]) == 2
+    plastic.loss().backward()
+    _assert_grad_is_update(lin, _expected(lin, cap.seen["0"], "instar", torch.tanh))
+
+
+def test_pruned_layer_gets_mask_times_update_on_weight_orig():
+    conv = nn.Conv2d(2, 4, 3).to(D)
+    prune.random_unstructured(conv, "weight", amount=0.5)
+    mask = conv.weight_mask.clone()
+    assert 0 < mask.sum() < mask.numel()
+    model = nn.Sequential(conv)
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
+    assert plastic.plastic_parameters() == [conv.weight_orig, conv.bias]
+    cap = Capture(model, ["0"])
+    model(_x())
+    plastic.loss().backward()
+    dW, db = _expected(conv, cap.seen["0"], "oja", torch.tanh)  # conv.weight = weight_orig * mask
+    torch.testing.assert_close(conv.weight_orig.grad, -mask * dW, **TOL)
+    torch.testing.assert_close(conv.bias.grad, -db, **TOL)
+
+
+@pytest.mark.parametrize("size, stride, dilation", [((7, 8), 2, 1), ((5, 6), 3, 1), ((6, 5), 1, 2)])
+def test_timm_conv2d_same_pads_dynamically_and_is_exact(size, stride, dilation):
+    conv = timm.layers.Conv2dSame(3, 4, 3, stride=stride, dilation=dilation).to(D)
+    plastic = hebbloss.attach(conv, rule="softhebb", post=torch.tanh)
+    x = torch.randn(2, 3, *size, dtype=D)
+    z = conv(x)
+    plastic.loss().backward()
+    padded = tf_same_pad(x, 3, stride, dilation)  # TensorFlow "SAME", then a padding-0 conv
+    y = torch.tanh(z.detach())
+    dW, db = layer_update(conv, padded, y, decay_coefficients("softhebb", y, z.detach(), 1))
+    torch.testing.assert_close(conv.weight.grad, -dW, **TOL)
+    torch.testing.assert_close(conv.bias.grad, -db, **TOL)
+
+
+def test_plain_subclass_is_treated_as_its_parent():
+    class MyLinear(nn.Linear):
+        pass
+
+    layer = MyLinear(3, 2).to(D)
+    plastic = hebbloss.attach(layer, rule="oja")
+    x = torch.randn(4, 3, dtype=D)
+    z = layer(x)
+    plastic.loss().backward()
+    _assert_grad_is_update(layer, _expected(layer, [(x, z.detach())], "oja", None))
+
+
+# --------------------------------------------------------------------------- locality
+
+
+def test_surrogate_and_task_gradients_do_not_reach_earlier_layers():
+    model = _net()
+    plastic = hebbloss.attach(model, rule="oja", targets="conv2")
+    model(_x())
+    plastic.loss().backward()
+    assert model.conv1.weight.grad is None and model.conv1.bias.grad is None
+    assert model.conv2.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    model(_x()).sum().backward()  # detach_input=True: even a task loss stops at the plastic layer
+    assert model.conv1.weight.grad is None
+    assert model.fc.weight.grad is not None
+    plastic.remove()
+
+
+def test_detach_input_false_keeps_the_model_graph_but_the_surrogate_stays_local():
+    model = _net()
+    plastic = hebbloss.attach(model, rule="instar", post=torch.tanh, targets=["conv2", "fc"], detach_input=False)
+    cap = Capture(model, ["conv2", "fc"])
+    out = model(_x())
+    plastic.loss().backward()
+    assert model.conv1.weight.grad is None and model.bn.weight.grad is None and model.up.weight.grad is None
+    for n in ("conv2", "fc"):
+        layer = getattr(model, n)
+        _assert_grad_is_update(layer, _expected(layer, cap.seen[n], "instar", torch.tanh))
+    model.zero_grad(set_to_none=True)
+    out.sum().backward()  # the task loss still reaches the first layer
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- remove / context manager
+
+
+def test_remove_restores_outputs_hooks_and_state_dict_exactly():
+    model = _net().eval()
+    x = _x()
+    before_out = model(x)
+    before_hooks, before_keys = _hooks(model), list(model.state_dict())
+    plastic = hebbloss.attach(model, rule="softhebb", post=torch.tanh)
+    assert list(model.state_dict()) == before_keys
+    assert torch.equal(model(x), before_out)  # attaching changes no output bit
+    plastic.remove()
+    assert _hooks(model) == before_hooks
+    assert all(not getattr(m, d, {}) for m in model.modules() for d in _HOOK_DICTS)
+    assert list(model.state_dict()) == before_keys
+    assert torch.equal(model(x), before_out)
+    assert all(not recs for recs in plastic.records.values())
+    plastic.remove()  # twice is fine
+
+
+def test_remove_leaves_the_users_own_hooks():
+    model = _net()
+    prune.l1_unstructured(model.conv1, "weight", amount=0.3)  # prune's own forward pre-hook
+    mine = model.fc.register_forward_hook(lambda *a: None)
+    before = _hooks(model)
+    with hebbloss.attach(model, rule="oja"):
+        model(_x())
+    assert _hooks(model) == before
+    mine.remove()
+
+
+def test_context_manager_removes_every_hook():
+    model = _net()
+    with hebbloss.attach(model, rule="oja") as plastic:
+        assert isinstance(plastic, hebbloss.Plasticity)
+        model(_x())
+        plastic.loss().backward()
+    assert all(not getattr(m, d, {}) for m in model.modules() for d in _HOOK_DICTS)
+    hebbloss.attach(model).remove()  # the layers are free again
+
+
+# --------------------------------------------------------------------------- selection and overrides
+
+
+@pytest.mark.parametrize(
+    "targets, chosen",
+    [
+        (None, ["conv1", "conv2", "up", "fc"]),
+        ("conv2", ["conv2"]),
+        ("conv?", ["conv1", "conv2"]),
+        (r"(conv1|fc)", ["conv1", "fc"]),
+        (nn.Conv2d, ["conv1", "conv2"]),
+        (nn.ConvTranspose2d, ["up"]),
+        (lambda name, m: isinstance(m, nn.Linear) or name == "up", ["up", "fc"]),
+        (["fc", nn.ConvTranspose2d], ["up", "fc"]),
+    ],
+)
+def test_selection_by_name_glob_regex_type_predicate(targets, chosen):
+    model = _net()
+    with hebbloss.attach(model, targets=targets) as plastic:
+        assert list(plastic.layers) == chosen
+        model(_x())
+        assert [n for n, r in plastic.records.items() if r] == chosen
+
+
+def test_selection_by_suffix_in_a_nested_model():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 1))
+    with hebbloss.attach(model, targets="0.1") as plastic:
+        assert list(plastic.layers) == ["0.1"]
+    with hebbloss.attach(model, targets=r"0\.\d") as plastic:
+        assert list(plastic.layers) == ["0.0", "0.1"]
+
+
+def test_overrides_set_rule_and_post_per_layer():
+    model = _net()
+    overrides = {"conv*": {"rule": "instar"}, "conv2": {"post": torch.tanh}, "fc": {"rule": "softhebb", "post": torch.sigmoid}}
+    plastic = hebbloss.attach(model, rule="oja", post=torch.relu, overrides=overrides)
+    want = {"conv1": ("instar", torch.relu), "conv2": ("instar", torch.tanh), "up": ("oja", torch.relu), "fc": ("softhebb", torch.sigmoid)}
+    assert {n: r.name for n, r in plastic.rules.items()} == {n: r for n, (r, _) in want.items()}
+    cap = Capture(model, list(want))
+    model(_x())
+    plastic.loss().backward()
+    for n, (rule, post) in want.items():
+        layer = getattr(model, n)
+        _assert_grad_is_update(layer, _expected(layer, cap.seen[n], rule, post))
+
+
+# --------------------------------------------------------------------------- stateful posts
+
+
+class Threshold(nn.Module):
+    """A stateful post: y = relu(z - theta_c), theta a buffer of one value per unit set by bind()."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("theta", torch.zeros(0, dtype=D))
+        self.modes = []
+
+    def bind(self, num_units):
+        self.theta = torch.linspace(0.0, 0.5, num_units, dtype=D)
+
+    def forward(self, z):
+        self.modes.append(self.training)
+        shape = [1] * z.dim()
+        shape[-1 if z.dim() == 2 else 1] = -1
+        return torch.relu(z - self.theta.view(shape))
+
+
+def test_stateful_post_is_copied_bound_trained_with_the_layer_and_saved_in_the_handle():
+    model = _net()
+    proto = Threshold()
+    keys = list(model.state_dict())
+    plastic = hebbloss.attach(model, rule="oja", post=proto, targets=["conv2", "up", "fc"])
+    assert proto.theta.numel() == 0  # the user's module is untouched
+    assert plastic.posts["conv2"].theta.numel() == 4 and plastic.posts["up"].theta.numel() == 2
+    assert plastic.posts["fc"].theta.numel() == 3
+    assert sorted(plastic.state_dict()) == ["posts.conv2.theta", "posts.fc.theta", "posts.up.theta"]
+    assert list(model.state_dict()) == keys
+    model.eval()
+    cap = Capture(model, ["conv2", "up", "fc"])
+    model(_x())
+    assert plastic.posts["fc"].modes == [False]
+    plastic.loss().backward()
+    for n in ("conv2", "up", "fc"):
+        layer = getattr(model, n)
+        _assert_grad_is_update(layer, _expected(layer, cap.seen[n], "oja", plastic.posts[n]))
+
+
+def test_post_keys_of_nested_layers_use_slashes():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    with hebbloss.attach(model, post=Threshold()) as plastic:
+        assert list(plastic.state_dict()) == ["posts.0/0.theta"]
+
+
+# --------------------------------------------------------------------------- refused layers
+
+
+class Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).transpose(0, 1)
+
+
+def _std_conv():
+    return timm.layers.StdConv2d(3, 4, 3)
+
+
+def _scaled_std_conv():
+    return timm.layers.ScaledStdConv2d(3, 4, 3)
+
+
+def _weight_norm():
+    return nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))
+
+
+def _old_weight_norm():
+    with pytest.warns(FutureWarning):
+        return nn.utils.weight_norm(nn.Linear(3, 3))
+
+
+def _parametrized():
+    layer = nn.Linear(3, 3)
+    parametrize.register_parametrization(layer, "weight", Symmetric())
+    return layer
+
+
+def _forward_override():
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    return Scaled(3, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (_std_conv, r"StdConv2d overrides forward\(\) of Conv2d"),
+        (_scaled_std_conv, r"ScaledStdConv2d overrides forward\(\) of Conv2d"),
+        (_weight_norm, r"parametrized weight \(e\.g\. weight norm\)"),
+        (_old_weight_norm, r"weight_norm"),
+        (_parametrized, r"parametrized weight"),
+        (_forward_override, r"Scaled overrides forward\(\) of Conv2d"),
+    ],
+)
+@pytest.mark.parametrize("explicit", [False, True])
+def test_layers_with_a_transformed_weight_are_refused_clearly(make, reason, explicit):
+    model = nn.Sequential(nn.Identity(), make())
+    before = _hooks(model)
+    with pytest.raises(ValueError, match=r"cannot be made plastic:\n  - 1: [^\n]*" + reason) as err:
+        hebbloss.attach(model, targets="1" if explicit else None)
+    assert "targets=" in str(err.value)  # says what to do
+    assert _hooks(model) == before
+    with hebbloss.attach(nn.Sequential(nn.Linear(2, 2))):  # nothing half-attached is left behind
+        pass
