@@ -1,0 +1,96 @@
+"""The three-layer Hebbian convolutional network of Miconi 2021, "Multi-layer Hebbian networks
+with modern deep learning frameworks" (arXiv:2107.01729).
+
+Each block: per-sample standardisation -> conv (no padding, no bias) -> Triangle -> 2x2 average
+pooling, with 100 / 196 / 400 channels and 5 / 3 / 3 kernels. Plasticity: instar rule driven by
+a binarised k-WTA (k=1) with homeostatic thresholds (dense activations, sparse plasticity);
+random pruning of 0 / 99 / 99 % of the connections; unit-norm filters after every step. Inputs
+are ZCA-whitened images (``hebbloss.zca.ZCA``, fitted on the training set).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import prune
+from ..competition import KWTA, Triangle
+from .blocks import Standardize
+from .recipe import LayerRecipe, Recipe
+
+PAPER = "Miconi 2021, arXiv:2107.01729"
+HOMEOSTASIS = 3.0                  # threshold adaptation rate (MUTHRES in the paper's code)
+LEARNING_RATES = (1e-4, 1e-4, 1e-3)  # per batch of 100 with a summed loss (0.01/100, 0.01/100, 0.1/100)
+
+
+def _check_triple(name, values, ok, what):
+    values = tuple(values)
+    if len(values) != 3 or not all(ok(v) for v in values):
+        raise ValueError(f"miconi2021: {name} must be 3 {what}, got {values!r}")
+    return values
+
+
+class Miconi2021(nn.Module):
+    """The network (no classifier: probe ``feature_layers`` linearly). See :func:`miconi2021`."""
+
+    plastic_layers = ("conv1", "conv2", "conv3")
+    feature_layers = ("pool1", "pool2", "pool3")
+
+    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (100, 196, 400),
+                 kernels: Sequence[int] = (5, 3, 3), k: int = 1, triangle: bool = True,
+                 pruning: Sequence[float] = (0.0, 0.99, 0.99), seed: Optional[int] = 0):
+        super().__init__()
+        channels = _check_triple("channels", channels, lambda c: isinstance(c, int) and c > 0, "positive ints")
+        kernels = _check_triple("kernels", kernels, lambda c: isinstance(c, int) and c > 0, "positive ints")
+        pruning = _check_triple("pruning", pruning, lambda a: isinstance(a, (int, float)) and 0 <= a < 1, "fractions in [0, 1)")
+        if not isinstance(k, int) or not 1 <= k <= min(channels):
+            raise ValueError(f"miconi2021: k={k!r} winners, but it must be an int in [1, {min(channels)}] (the smallest layer)")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        widths = (in_channels,) + channels
+        for i in range(3):
+            conv = nn.Conv2d(widths[i], widths[i + 1], kernels[i], bias=False)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.01)
+            if pruning[i] > 0:
+                prune.random_connections(conv, pruning[i], seed=None if seed is None else seed * 10 + i)
+            prune.renormalize_filters(conv)
+            act = Triangle(1.0) if triangle else KWTA(k, binary=True, homeostasis=HOMEOSTASIS, num_channels=channels[i])
+            setattr(self, f"norm{i + 1}", Standardize())
+            setattr(self, f"conv{i + 1}", conv)
+            setattr(self, f"act{i + 1}", act)
+            setattr(self, f"pool{i + 1}", nn.AvgPool2d(2))
+        self.recipe = Recipe(
+            name="miconi2021",
+            layers={f"conv{i + 1}": LayerRecipe("instar", KWTA(k, binary=True, homeostasis=HOMEOSTASIS), LEARNING_RATES[i])
+                    for i in range(3)},
+            batch_size=100,
+            epochs=20,
+            renormalize=True,
+            paper=PAPER,
+            notes={
+                "input": "ZCA-whitened images: hebbloss.zca.ZCA(standardize=True).fit(train_images, eps=1e-3)",
+                "forward": "Triangle on the raw conv output (the paper's code also subtracts the k-WTA thresholds)",
+                "warmup": "the paper's code adapts thresholds for 200 batches before the first weight update; not reproduced",
+                "ablations": f"triangle={triangle}, pruning={pruning}",
+            },
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 4):
+            x = getattr(self, f"pool{i}")(getattr(self, f"act{i}")(getattr(self, f"conv{i}")(getattr(self, f"norm{i}")(x))))
+        return x
+
+
+def miconi2021(in_channels: int = 3, triangle: bool = True, pruning: bool = True, k: int = 1,
+               channels: Sequence[int] = (100, 196, 400), seed: Optional[int] = 0) -> Miconi2021:
+    """Miconi 2021's network, ready for ``model.recipe.attach(model)``.
+
+    triangle: Triangle forward (dense activations); False is the paper's ablation where the
+        binarised k-WTA (with its own homeostatic thresholds) drives the forward pass too.
+    pruning: remove 0 / 99 / 99 % of the connections of layers 1 / 2 / 3; False is the ablation.
+    seed: fixes the initial weights and the pruning masks (None: torch's global generator).
+    channels: 100 / 196 / 400 in the paper (smaller for quick tests).
+    """
+    amounts = (0.0, 0.99, 0.99) if pruning else (0.0, 0.0, 0.0)
+    return Miconi2021(in_channels, channels, (5, 3, 3), k, triangle, amounts, seed)

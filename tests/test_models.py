@@ -1,0 +1,137 @@
+"""Reference networks (Miconi 2021; Journe et al. 2023): architecture as published, recipe usable
+through attach + a stock optimizer, bit-for-bit reproducible training, exact save/load."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hebbloss.models as models
+from hebbloss.competition import KWTA, SoftWTA, Triangle
+
+
+def train(model, steps, batch, seed):
+    plastic = model.recipe.attach(model)
+    opt = model.recipe.optimizer(plastic)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(batch, generator=g))
+        plastic.loss().backward()
+        opt.step()
+    return plastic
+
+
+def test_miconi2021_architecture_real_sizes():
+    model = models.create("miconi2021")
+    shapes = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+             for n in model.feature_layers]
+    model(torch.randn(2, 3, 32, 32))
+    assert shapes == {"pool1": (2, 100, 14, 14), "pool2": (2, 196, 6, 6), "pool3": (2, 400, 2, 2)}
+    for h in hooks:
+        h.remove()
+    for name, k, amount in (("conv1", 5, 0.0), ("conv2", 3, 0.99), ("conv3", 3, 0.99)):
+        conv = getattr(model, name)
+        assert conv.kernel_size == (k, k) and conv.padding == (0, 0) and conv.bias is None
+        w = conv.weight_orig * conv.weight_mask if amount else conv.weight
+        if amount:
+            assert int((conv.weight_mask == 0).sum()) == round(amount * conv.weight_mask.numel())
+        assert torch.allclose(w.detach().flatten(1).norm(dim=1), torch.ones(w.shape[0]), atol=1e-5)
+    assert isinstance(model.act1, Triangle) and isinstance(model.pool1, nn.AvgPool2d)
+    recipe = model.recipe
+    assert [l.rule for l in recipe.layers.values()] == ["instar"] * 3
+    assert all(isinstance(l.post, KWTA) and l.post.k == 1 and l.post.binary and l.post.homeostasis > 0
+               for l in recipe.layers.values())
+    assert (recipe.batch_size, recipe.epochs, recipe.renormalize) == (100, 20, True)
+
+
+def test_miconi2021_ablations():
+    plain = models.miconi2021(triangle=False, pruning=False, channels=(6, 8, 10))
+    assert isinstance(plain.act2, KWTA) and plain.act2.binary
+    assert not hasattr(plain.conv2, "weight_orig")
+    out = plain(torch.randn(2, 3, 32, 32))
+    assert set(out.unique().tolist()) <= {0.0, 0.25, 0.5, 0.75, 1.0}  # avg-pooled binary winners
+    with pytest.raises(ValueError, match="k=7"):
+        models.miconi2021(k=7, channels=(6, 8, 10))
+
+
+def test_miconi2021_recipe_step_keeps_unit_norm_and_zeros():
+    model = models.miconi2021(channels=(8, 12, 16))
+    plastic = train(model, 2, (4, 3, 32, 32), seed=0)
+    opt = model.recipe.optimizer(plastic)
+    assert [g["lr"] for g in opt.param_groups] == [l.lr for l in model.recipe.layers.values()]
+    for name in ("conv2", "conv3"):
+        conv = getattr(model, name)
+        w = (conv.weight_orig * conv.weight_mask).detach()
+        assert torch.all(w[conv.weight_mask == 0] == 0)
+        alive = conv.weight_mask.flatten(1).any(dim=1)  # at 99% pruning a tiny filter may lose every input
+        assert torch.allclose(w.flatten(1).norm(dim=1)[alive], torch.ones(int(alive.sum())), atol=1e-5)
+    assert plastic.state_dict()["posts.conv1.theta"].abs().sum() > 0  # homeostasis ran in training mode
+    plastic.remove()
+
+
+def test_softhebb_cifar10_architecture_real_sizes():
+    model = models.create("softhebb", dataset="cifar10")
+    expected = [(3, 96, 5, 2, 0.7, nn.MaxPool2d, 1.0, 0.08), (96, 384, 3, 1, 1.4, nn.MaxPool2d, 0.65, 0.005),
+                (384, 1536, 3, 1, 1.0, nn.AvgPool2d, 0.25, 0.01)]
+    for i, (cin, cout, k, pad, power, pool, beta, lr) in enumerate(expected, start=1):
+        bn, conv, act = getattr(model, f"bn{i}"), getattr(model, f"conv{i}"), getattr(model, f"act{i}")
+        assert bn.num_features == cin and not bn.affine
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (cin, cout, (k, k), (pad, pad))
+        assert conv.padding_mode == "reflect" and conv.bias is None
+        assert act.power == power and isinstance(getattr(model, f"pool{i}"), pool)
+        layer = model.recipe.layers[f"conv{i}"]
+        assert layer.rule == "softhebb" and isinstance(layer.post, SoftWTA)
+        assert layer.post.inverse_temperature == beta and layer.post.anti_hebbian and layer.lr == lr
+    assert abs(float(model.conv2.weight.detach().flatten(1).norm(dim=1).mean()) - 25.0) < 1.0
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1536, 4, 4)
+    assert (model.recipe.batch_size, model.recipe.epochs, model.recipe.softhebb_power) == (10, 1, 0.5)
+
+
+def test_softhebb_variants():
+    mnist = models.softhebb("mnist", channels=(4, 6, 8))
+    assert mnist.bn1.num_features == 1 and mnist(torch.randn(2, 1, 28, 28)).shape == (2, 8, 3, 3)
+    stl = models.softhebb("stl10", channels=(4, 6, 8, 10))
+    assert stl.num_blocks == 4 and stl(torch.randn(2, 3, 96, 96)).shape == (2, 10, 6, 6)
+    assert [l.post.inverse_temperature for l in stl.recipe.layers.values()] == [1.0, 0.65, 0.45, 0.25]
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        models.softhebb("imagenet")
+    with pytest.raises(ValueError, match="3 positive ints"):
+        models.softhebb("cifar10", channels=(4, 6))
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("miconi2021", {"channels": (8, 12, 16)}, (4, 3, 32, 32)),
+    ("softhebb", {"channels": (6, 8, 10)}, (4, 3, 32, 32)),
+])
+def test_training_is_bit_for_bit_reproducible_and_round_trips(name, kwargs, shape):
+    runs = []
+    for _ in range(2):
+        model = models.create(name, seed=3, **kwargs)
+        plastic = train(model, 3, shape, seed=7)
+        runs.append((model, plastic))
+    (m1, p1), (m2, p2) = runs
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert all(torch.equal(v, p2.state_dict()[k]) for k, v in p1.state_dict().items())
+    start = models.create(name, seed=3, **kwargs).state_dict()
+    assert any(not torch.equal(start[k], s1[k]) for k in s1 if k.endswith(("weight", "weight_orig")))
+    other = models.create(name, seed=11, **kwargs)  # different init and masks, replaced by the load
+    other.load_state_dict(s1)
+    other_plastic = other.recipe.attach(other)
+    other_plastic.load_state_dict(p1.state_dict())
+    x = torch.randn(shape)
+    m1.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(m1(x), other(x))
+    for p in (p1, p2, other_plastic):
+        p.remove()
+
+
+def test_registry():
+    assert models.available() == ["miconi2021", "softhebb"]
+    with pytest.raises(ValueError, match="available: miconi2021, softhebb"):
+        models.create("resnet")
+    assert models.create("miconi2021", channels=(4, 4, 4)).recipe.to_dict()["layers"]["conv2"]["rule"] == "instar"
