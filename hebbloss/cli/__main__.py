@@ -1,0 +1,6 @@
+"""``python -m hebbloss.cli`` is the ``hebbloss`` command."""
+import sys
+
+from .main import main
+
+sys.exit(main())

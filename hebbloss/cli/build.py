@@ -1,0 +1,261 @@
+"""Build what a ``hebbloss`` run trains from its settings: a reference network of ``hebbloss.models``
+with its recipe, or any timm model (``timm:NAME``) made plastic by one rule (Miconi 2021), with a
+post signal (competition), pruning and per-layer learning rates.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attach import attach
+from .. import layers as layer_types
+from ..selection import name_matches, select_layers
+from .config import ConfigError
+
+GENERIC_DEFAULTS = {"rule": "oja", "post": "relu", "lr": 1e-3, "optimizer": "adam", "epochs": 1, "batch_size": 64}
+
+
+@dataclass
+class Built:
+    """A model ready to train: the plasticity handle, its optimizer and what to probe afterwards."""
+
+    model: nn.Module
+    plastic: Any
+    optimizer: torch.optim.Optimizer
+    probe_layers: Optional[List[str]]  # None: the probe's default (timm feature stages, else every Linear/Conv)
+    epochs: int
+    batch_size: int
+    after_step: List[Callable[[], None]] = field(default_factory=list)
+    description: Dict[str, Any] = field(default_factory=dict)
+
+
+def _reference_models():
+    try:
+        from .. import models
+    except ImportError:
+        return None
+    return models
+
+
+def available_models() -> List[str]:
+    """Reference networks known to ``hebbloss.models`` (timm models are named ``timm:NAME``)."""
+    models = _reference_models()
+    return list(models.available()) if models is not None else []
+
+
+DEFAULT_MODEL = "miconi2021"
+# The default network is Miconi 2021's with fewer channels, so that `hebbloss run` (train, probe and
+# random baseline) finishes in minutes on 2 CPU cores; `--model miconi2021` is the paper's size.
+# Without pruning: 99% of 32 x 3 x 3 connections leaves ~3 per filter and some filters none at all.
+DEFAULT_MODEL_ARGS = {"channels": [32, 64, 128], "pruning": False}
+
+
+def default_model() -> str:
+    """The network ``hebbloss run`` trains when no --model is given."""
+    return DEFAULT_MODEL
+
+
+def resolve_model(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """``cfg`` with ``model`` and ``model_args`` made explicit (the default network when none is given)."""
+    cfg = dict(cfg)
+    if not cfg.get("model"):
+        cfg["model"] = DEFAULT_MODEL
+        cfg["model_args"] = {**DEFAULT_MODEL_ARGS, **(cfg.get("model_args") or {})}
+    return cfg
+
+
+def parse_post(spec: Optional[str], channel_dim: int = 1) -> Optional[nn.Module]:
+    """``identity`` | ``relu`` | ``kwta:K`` | ``kwta:K:MU`` (homeostasis rate MU) | ``softwta:BETA``
+    (inverse temperature BETA) -> the post-signal module for ``attach`` (None = identity)."""
+    if spec is None or str(spec).lower() in ("identity", "none"):
+        return None
+    spec = str(spec).lower()
+    if spec == "relu":
+        return nn.ReLU()
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "kwta":
+            from ..competition import KWTA
+            k, _, mu = arg.partition(":")
+            return KWTA(k=int(k), homeostasis=float(mu or 0.0), channel_dim=channel_dim)
+        if kind == "softwta":
+            from ..competition import SoftWTA
+            return SoftWTA(inverse_temperature=float(arg), channel_dim=channel_dim)
+    except ImportError:
+        raise ConfigError(f"--post {spec}: hebbloss.competition is not available in this installation; use identity or relu") from None
+    except ValueError as e:
+        raise ConfigError(f"--post {spec}: {e}") from None
+    raise ConfigError(f"--post {spec!r} is not understood; use identity, relu, kwta:K, kwta:K:MU or softwta:BETA (e.g. kwta:1, softwta:1.0)")
+
+
+def _exact(name: str) -> str:
+    """A selection pattern that matches the module called ``name`` and nothing else."""
+    return "^" + re.escape(name) + "$"
+
+
+def param_groups(plastic, lr: float, layer_lr: Mapping[str, float]) -> List[Dict[str, Any]]:
+    """One optimizer param group per plastic layer; its lr is the last matching ``layer_lr`` pattern's, else ``lr``."""
+    for pattern in layer_lr:
+        if not any(name_matches(pattern, n) for n in plastic.layers):
+            raise ConfigError(f"layer_lr pattern {pattern!r} matches none of the plastic layers: {', '.join(plastic.layers)}")
+    groups = []
+    for name, module in plastic.layers.items():
+        rate = lr
+        for pattern, value in layer_lr.items():
+            if name_matches(pattern, name):
+                rate = float(value)
+        groups.append({"params": list(layer_types.plastic_parameters(module)), "lr": rate, "name": name})
+    return groups
+
+
+def make_optimizer(kind: str, groups, lr: float) -> torch.optim.Optimizer:
+    """A stock torch optimizer over ``groups``."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise ConfigError(f"--optimizer {kind!r} is not known; use sgd or adam")
+
+
+def _timm_model(name: str, in_chans: int, image_size, model_args: Mapping[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise ConfigError(f"--model timm:{name}: timm has no model called {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_chans, **model_args}
+    try:
+        return timm.create_model(name, **{"img_size": image_size, **kwargs})
+    except TypeError:  # models without an img_size argument (convnets)
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"--model timm:{name}: bad --model-arg ({e})") from None
+
+
+def _prune(chosen: Sequence, amount: float) -> None:
+    """Fixed random masks (torch.nn.utils.prune) on every chosen layer after the first (Miconi 2021)."""
+    if not 0.0 <= amount < 1.0:
+        raise ConfigError(f"--prune {amount}: the fraction of connections removed must be in [0, 1)")
+    for _, module in list(chosen)[1:]:
+        torch.nn.utils.prune.random_unstructured(module, "weight", amount)
+
+
+def _post_with_overrides(chosen, spec):
+    """attach(post=..., overrides=...) so that Linear outputs use their last dimension as channels."""
+    post = parse_post(spec, channel_dim=1)
+    overrides = {}
+    if isinstance(post, nn.Module) and hasattr(post, "channel_dim"):
+        for name, module in chosen:
+            if layer_types.layer_type_of(module).spatial_dims == 0:
+                overrides[_exact(name)] = {"post": parse_post(spec, channel_dim=-1)}
+    return post, overrides
+
+
+def _probe_layers(cfg: Mapping[str, Any], default) -> Optional[List[str]]:
+    chosen = cfg.get("probe_layers") or default
+    return list(chosen) if chosen else None
+
+
+def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[str]) -> Built:
+    """Any model: one rule for its plastic layers, a post signal, optional pruning, per-layer rates."""
+    get = lambda k: cfg.get(k) if cfg.get(k) is not None else GENERIC_DEFAULTS[k]  # noqa: E731
+    chosen = select_layers(model, cfg.get("layers"))
+    post, overrides = _post_with_overrides(chosen, get("post"))
+    if cfg.get("prune"):
+        _prune(chosen, float(cfg["prune"]))
+    plastic = attach(model, rule=get("rule"), post=post, targets=[_exact(n) for n, _ in chosen],
+                                overrides=overrides or None, reduction="mean")
+    try:
+        optimizer = make_optimizer(get("optimizer"), param_groups(plastic, float(get("lr")), cfg.get("layer_lr") or {}), float(get("lr")))
+    except Exception:
+        plastic.remove()
+        raise
+    return Built(model, plastic, optimizer, _probe_layers(cfg, probe_default), int(get("epochs")),
+                 int(get("batch_size")), description={"rule": get("rule"), "post": get("post"), "lr": float(get("lr")),
+                                                      "optimizer": get("optimizer"), "plastic_layers": [n for n, _ in chosen]})
+
+
+def create_model(cfg: Mapping[str, Any], image_shape, dataset_name: str = "") -> tuple:
+    """(model, default probe layers, recipe or None) for ``cfg["model"]``; raises ConfigError for unknown names."""
+    cfg = resolve_model(cfg)
+    name, model_args = str(cfg["model"]), dict(cfg.get("model_args") or {})
+    c, h, w = image_shape
+    if name.startswith("timm:"):
+        model = _timm_model(name[5:], c, (h, w), model_args)
+        return model, None, None  # None: the probe takes timm's feature stages (feature_info)
+    models = _reference_models()
+    known = available_models()
+    if models is None or name not in known:
+        raise ConfigError(
+            f"--model {name!r} is not known; reference networks: {', '.join(known) or 'none installed'}; "
+            "or any timm model as timm:NAME (e.g. timm:resnet18)"
+        )
+    builder = getattr(models, name, None)
+    try:
+        model = models.create(name, **_reference_kwargs(builder, dataset_name, image_shape, model_args, cfg.get("seed") or 0))
+    except TypeError as e:
+        raise ConfigError(f"--model {name}: bad --model-arg ({e})") from None
+    return model, list(getattr(model, "feature_layers", []) or []), getattr(model, "recipe", None)
+
+
+def _reference_kwargs(builder, dataset_name: str, image_shape, model_args: Mapping[str, Any], seed: int = 0) -> Dict[str, Any]:
+    """``model_args`` plus what the reference network must know of the data (its channels, or which
+    dataset variant of the paper), when its builder takes it and the user did not set it."""
+    import inspect
+
+    kwargs = dict(model_args)
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "in_channels" in params and "in_channels" not in kwargs:
+        kwargs["in_channels"] = int(image_shape[0])
+    if "seed" in params and "seed" not in kwargs:
+        kwargs["seed"] = int(seed)
+    if "dataset" in params and "dataset" not in kwargs:
+        key = dataset_name.lower().replace("-", "").replace("_", "")
+        kwargs["dataset"] = "fashionmnist" if "fashion" in key else "mnist" if "mnist" in key else key
+    return kwargs
+
+
+def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_default: List[str]) -> Built:
+    """A reference network trained by its recipe (rules, post signals, per-layer rates, SGD and step hooks),
+    with --layers, --rule, --post, --lr and --layer-lr applied on a copy of the recipe."""
+    for key, hint in (("prune", "reference networks prune as their paper does (e.g. --model-arg pruning=false)"),
+                      ("optimizer", "reference networks train with their recipe's SGD")):
+        if cfg.get(key) is not None:
+            raise ConfigError(f"--{key} does not apply to --model {cfg.get('model')}: {hint}")
+    recipe = recipe.copy()
+    if cfg.get("layers"):
+        keep = {n: lay for n, lay in recipe.layers.items() if any(name_matches(p, n) for p in cfg["layers"])}
+        if not keep:
+            raise ConfigError(f"--layers {cfg['layers']} matches none of the plastic layers of {recipe.name}: {', '.join(recipe.layers)}")
+        recipe.layers = keep
+    for pattern in cfg.get("layer_lr") or {}:
+        if not any(name_matches(pattern, n) for n in recipe.layers):
+            raise ConfigError(f"layer_lr pattern {pattern!r} matches none of the plastic layers: {', '.join(recipe.layers)}")
+    for name, lay in recipe.layers.items():
+        if cfg.get("rule") is not None:
+            lay.rule = str(cfg["rule"])
+        if cfg.get("post") is not None:
+            lay.post = parse_post(cfg["post"], channel_dim=-1 if isinstance(model.get_submodule(name), nn.Linear) else 1)
+        if cfg.get("lr") is not None:
+            lay.lr = float(cfg["lr"])
+        for pattern, value in (cfg.get("layer_lr") or {}).items():
+            if name_matches(pattern, name):
+                lay.lr = float(value)
+    plastic = recipe.attach(model)
+    try:
+        optimizer = recipe.optimizer(plastic)
+    except Exception:
+        plastic.remove()
+        raise
+    return Built(model, plastic, optimizer, _probe_layers(cfg, probe_default),
+                 int(cfg.get("epochs") or recipe.epochs), int(cfg.get("batch_size") or recipe.batch_size),
+                 description={"recipe": recipe.to_dict(), "plastic_layers": list(recipe.layers)})

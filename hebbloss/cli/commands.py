@@ -1,0 +1,255 @@
+"""The three commands of ``hebbloss``: train, probe, run (Miconi 2021 pipeline: Hebbian training of a
+network, then linear probes of each layer next to a random-weights baseline).
+
+Every check (settings, dataset, model, results folder, checkpoint) runs before anything is written,
+so bad input leaves the disk as it was.
+"""
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .. import __version__, checkpoint
+from . import build, config, report
+from .config import ConfigError
+from .train import TrainState, channel_stats, progress_to_state, run_training, save_checkpoint
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+RESULTS_ROOT = "hebbloss-results"
+_NOT_SETTINGS = {"command", "config", "resume", "run_dir"}
+
+
+# ----------------------------------------------------------------------------------------------- settings
+def _flags(args) -> Dict[str, Any]:
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    for key in ("layer_lr", "model_args"):
+        if key in flags:
+            flags[key] = dict(flags[key])
+    if "baselines" in flags:
+        flags["baselines"] = [] if [b.lower() for b in flags["baselines"]] == ["none"] else list(flags["baselines"])
+    if getattr(args, "config", None):
+        flags = {**config.read_file(args.config), **flags}
+    return flags
+
+
+def _new_folder(cfg: Dict[str, Any]) -> Path:
+    """The results folder of a new run; refuses one that already holds files."""
+    if cfg.get("out"):
+        folder = Path(cfg["out"])
+    else:
+        name = cfg.get("name") or "-".join([
+            str(cfg.get("model") or build.default_model()).replace(":", "-"),
+            str(cfg.get("dataset") or _default_dataset()),
+            time.strftime("%Y%m%d-%H%M%S"),
+        ])
+        folder = Path(RESULTS_ROOT) / name
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(
+            f"results folder {folder} already exists and is not empty; nothing was overwritten. Continue it with "
+            f"--resume {folder}, or choose another --out or --name"
+        )
+    return folder
+
+
+def _resume_folder(path: str) -> Tuple[Path, Path]:
+    p = Path(path)
+    folder, ckpt = (p.parent, p) if p.suffix == ".pt" else (p, p / CHECKPOINT)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder} is not a hebbloss results folder (no {CONFIG}); pass the folder a previous run wrote")
+    return folder, ckpt
+
+
+def _default_dataset() -> str:
+    from ..data import DEFAULT_DATASET
+
+    return DEFAULT_DATASET
+
+
+def _load_data(cfg: Dict[str, Any]):
+    from ..data import ImageDataset, load_dataset
+
+    ds = load_dataset(cfg.get("dataset") or _default_dataset(), data_dir=cfg.get("data_dir"),
+                      download=bool(cfg.get("download")), cache_dir=cfg.get("cache_dir"))
+    limit = cfg.get("limit")
+    if limit:
+        if int(limit) < 1:
+            raise ConfigError(f"--limit {limit}: must be a positive number of images")
+        g = torch.Generator().manual_seed(int(cfg.get("seed") or 0))
+        tr = torch.randperm(len(ds.train_labels), generator=g)[: int(limit)]
+        te = torch.randperm(len(ds.test_labels), generator=g)[: int(limit)]
+        ds = ImageDataset(ds.train_images[tr], ds.train_labels[tr], ds.test_images[te], ds.test_labels[te], ds.classes, ds.name)
+    return ds
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _build(cfg: Dict[str, Any], ds) -> build.Built:
+    _seed(int(cfg.get("seed") or 0))
+    model, probe_default, recipe = build.create_model(cfg, tuple(ds.train_images.shape[1:]), ds.name)
+    model.to(cfg.get("device") or "cpu")
+    built = build.build_reference(cfg, model, recipe, probe_default) if recipe is not None else build.build_generic(cfg, model, probe_default)
+    try:
+        _check_probe_layers(built.model, built.probe_layers)
+    except Exception:
+        built.plastic.remove()
+        raise
+    return built
+
+
+def _check_probe_layers(model, probe_layers) -> None:
+    """Unknown --probe-layers fail now, before any training, with the model's layer names."""
+    from ..probe.features import resolve_layers
+
+    resolve_layers(model, probe_layers)
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def train(args, then_probe: bool = False) -> int:
+    """``hebbloss train``: Hebbian training with atomic checkpoints; ``--resume`` continues exactly."""
+    flags = _flags(args)
+    state, saved = TrainState(), None
+    if args.resume:
+        folder, ckpt_path = _resume_folder(args.resume)
+        saved_cfg = config.read_file(folder / CONFIG)
+        config.check_resume_overrides(saved_cfg, flags, folder)
+        cfg = config.merge(saved_cfg, {k: v for k, v in flags.items() if k in config.RESUMABLE})
+        cfg["max_steps"] = flags.get("max_steps")  # a limit of one invocation, never inherited
+        saved = checkpoint.load(ckpt_path)
+    else:
+        cfg = build.resolve_model(config.merge(flags))
+        folder = _new_folder(cfg)
+        ckpt_path = folder / CHECKPOINT
+    ds = _load_data(cfg)
+    built = _build(cfg, ds)
+    generator = torch.Generator().manual_seed(int(cfg.get("seed") or 0))
+    if saved is not None:
+        progress = checkpoint.restore_training_state(saved, built.model, built.plastic, built.optimizer, generator, path=ckpt_path)
+        state = progress_to_state(progress)
+    start_epoch = state.epoch
+    epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
+    if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
+        raise ConfigError(f"--max-steps {cfg['max_steps']}: must be a positive number of steps")
+    # All checks passed: from here on files are written.
+    folder.mkdir(parents=True, exist_ok=True)
+    config.write(folder / CONFIG, cfg)
+    mean, std = channel_stats(ds.train_images)
+    device = cfg.get("device") or "cpu"
+    print(f"hebbloss: training {cfg.get('model') or build.default_model()} on {ds.name} "
+          f"({len(ds.train_labels)} images) for {epochs} epochs -> {folder}")
+    save = lambda s: save_checkpoint(ckpt_path, built.model, built.plastic, built.optimizer, generator, s, cfg)  # noqa: E731
+    summary = run_training(
+        built.model, built.plastic, built.optimizer, ds.train_images, mean, std, epochs=epochs,
+        batch_size=int(cfg.get("batch_size") or built.batch_size), generator=generator, state=state, save=save,
+        checkpoint_every=cfg.get("checkpoint_every"), max_steps=cfg.get("max_steps"), after_step=built.after_step,
+        device=device, progress=bool(cfg.get("progress", True)),
+    )
+    previous = report.read_results(folder).get("train", {})
+    summary["losses"] = list(previous.get("losses", []))[:start_epoch] + summary["losses"]  # mean loss per epoch
+    report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
+                          model={"name": cfg.get("model") or build.default_model(), **built.description},
+                          train={**summary, "epochs": epochs, "checkpoint": CHECKPOINT})
+    if not summary["completed"]:
+        why = "interrupted" if summary["interrupted"] else f"stopped after --max-steps {cfg.get('max_steps')}"
+        print(f"hebbloss: {why} at epoch {state.epoch}, step {state.global_step}; checkpoint {ckpt_path}. "
+              f"Continue with: hebbloss {args.command} --resume {folder}")
+        return 130 if summary["interrupted"] else 0
+    print(f"hebbloss: trained {state.global_step} steps in {summary['seconds']:.1f} s; checkpoint {ckpt_path}")
+    if then_probe:
+        built.plastic.remove()
+        return _probe_and_report(cfg, folder, ds, built.model, built.probe_layers, _first_layer(built), mean, std)
+    return 0
+
+
+def run(args) -> int:
+    """``hebbloss run``: train, then probe each layer (with baselines), then write the report."""
+    return train(args, then_probe=True)
+
+
+def probe(args) -> int:
+    """``hebbloss probe``: linear probes of a trained run (``--run FOLDER``) or of a freshly built model."""
+    flags = _flags(args)
+    if args.run_dir:
+        folder, ckpt_path = _resume_folder(args.run_dir)
+        saved_cfg = config.read_file(folder / CONFIG)
+        config.check_resume_overrides(saved_cfg, flags, folder)
+        cfg = config.merge(saved_cfg, {k: v for k, v in flags.items() if k in config.RESUMABLE})
+        saved = checkpoint.load(ckpt_path)
+        ds = _load_data(cfg)
+        built = _build(cfg, ds)
+        built.plastic.remove()
+        checkpoint.check_fits(built.model, saved["model"], "model", ckpt_path)
+        built.model.load_state_dict(saved["model"])
+        model, probe_layers, first = built.model, built.probe_layers, _first_layer(built)
+    else:
+        cfg = build.resolve_model(config.merge(flags))
+        folder = _new_folder(cfg)
+        ds = _load_data(cfg)
+        _seed(int(cfg.get("seed") or 0))
+        model, probe_default, _ = build.create_model(cfg, tuple(ds.train_images.shape[1:]), ds.name)
+        model.to(cfg.get("device") or "cpu")
+        probe_layers = build._probe_layers(cfg, probe_default)
+        _check_probe_layers(model, probe_layers)
+        from ..selection import select_layers
+
+        first = select_layers(model, cfg.get("layers"))[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        config.write(folder / CONFIG, cfg)
+        report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
+                              model={"name": cfg.get("model") or build.default_model(), "trained": False})
+    mean, std = channel_stats(ds.train_images)
+    return _probe_and_report(cfg, folder, ds, model, probe_layers, first, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------- probe + report
+def _first_layer(built: build.Built):
+    name, module = next(iter(built.plastic.layers.items()))
+    return name, module
+
+
+def _accepted(fn, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, mean, std) -> int:
+    from ..probe import evaluate
+
+    started = time.perf_counter()
+    extra = {"mean": mean.tolist(), "std": std.tolist(), "device": cfg.get("device") or "cpu",
+             "seed": int(cfg.get("seed") or 0), "progress": bool(cfg.get("progress", True))}
+    result = evaluate(model, ds, probe_layers, method=cfg.get("method") or "ridge", pool=cfg.get("pool") or "quadrants",
+                      baselines=tuple(cfg.get("baselines") or ()), **_accepted(evaluate, extra))
+    seconds = time.perf_counter() - started
+    print(result.table())
+    chance = 1.0 / max(1, len(ds.classes))
+    acc_png = report.plot_accuracy(result.results, folder / report.ACCURACY_PNG,
+                                   title=f"{ds.name}: {cfg.get('method') or 'ridge'} probe per layer", chance=chance)
+    name, module = first
+    filt_png = report.plot_filters(module, folder / report.FILTERS_PNG, tuple(ds.train_images.shape[1:]),
+                                   title=f"{name or '(model)'}: learned filters")
+    path = report.update_results(folder, probe={**result.to_dict(), "seconds": seconds, "layers": list(next(iter(result.results.values()), {}))},
+                                 files={"results": report.RESULTS, "accuracy_plot": acc_png.name, "filters_plot": filt_png.name})
+    print(f"hebbloss: probed {len(next(iter(result.results.values()), {}))} layers in {seconds:.1f} s; results in {path}, plots {acc_png.name}, {filt_png.name}")
+    return 0
+
+
+def _describe(ds) -> Dict[str, Any]:
+    return {"name": ds.name, "train": len(ds.train_labels), "test": len(ds.test_labels),
+            "image_shape": list(ds.train_images.shape[1:]), "classes": list(ds.classes)}

@@ -1,0 +1,108 @@
+"""Settings of a ``hebbloss`` run: defaults, a YAML config file whose keys mirror the flags, and flags.
+
+Precedence: defaults < config file (``--config``) < flags. A resumed run takes its settings from
+the ``config.yaml`` saved in its results folder; only the keys in :data:`RESUMABLE` may then change.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import yaml
+
+from ..checkpoint import atomic_file
+
+DEFAULTS: Dict[str, Any] = {
+    # data
+    "dataset": None,          # None: the embedded default dataset (hebbloss.data.DEFAULT_DATASET)
+    "data_dir": None,
+    "download": False,
+    "cache_dir": None,
+    "limit": None,            # use only the first N training and N test images
+    # model and plasticity
+    "model": None,            # None: the small default reference network; or a name, or timm:NAME
+    "model_args": {},         # keyword arguments of the model's builder (--model-arg KEY=VALUE)
+    "layers": None,           # plastic layers (names, globs, regexes); None: the recipe's or every supported one
+    "rule": None,             # None: the recipe's, or "oja" for other models
+    "post": None,             # identity | relu | kwta:K | softwta:T; None: the recipe's, or relu
+    "lr": None,               # None: the recipe's, or 1e-3
+    "layer_lr": {},           # {pattern: lr} per-layer learning rates (later patterns win)
+    "optimizer": None,        # sgd | adam; None: the recipe's, or adam
+    "prune": None,            # fraction of connections removed (fixed random masks) in plastic layers after the first
+    "epochs": None,           # None: the recipe's, or 1
+    "batch_size": None,       # None: the recipe's, or 64
+    "seed": 0,
+    "device": "cpu",
+    # checkpoints
+    "checkpoint_every": 500,  # optimizer steps between checkpoints (also one at the end of every epoch)
+    "max_steps": None,        # stop (with a checkpoint) after this many steps in this invocation
+    # probe
+    "probe_layers": None,     # None: the model's feature layers
+    "method": "ridge",        # ridge | logistic
+    "pool": "quadrants",      # quadrants | global | flatten | an int grid size
+    "baselines": ["random"],
+    # output
+    "out": None,              # results folder; None: hebbloss-results/<name>
+    "name": None,             # run name; None: <model>-<dataset>-<timestamp>
+    "progress": True,
+}
+
+# Keys a resumed run may change: they do not alter what has been trained so far.
+RESUMABLE = {"epochs", "max_steps", "checkpoint_every", "device", "progress", "probe_layers", "method", "pool",
+             "baselines", "data_dir", "cache_dir", "download"}
+
+
+class ConfigError(ValueError):
+    """A bad config file or flag; the message names it and says what to do."""
+
+
+def normalise_keys(raw: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """Keys with '-' or '_' alike; unknown keys raise :class:`ConfigError` listing the valid ones."""
+    out = {}
+    for key, value in raw.items():
+        k = str(key).replace("-", "_")
+        if k not in DEFAULTS:
+            raise ConfigError(f"{source}: unknown setting {key!r}; valid settings are {', '.join(sorted(DEFAULTS))}")
+        out[k] = value
+    return out
+
+
+def read_file(path: str) -> Dict[str, Any]:
+    """The settings in a YAML config file, checked."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file whose keys mirror the flags")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings (key: value), got {type(raw).__name__}")
+    return normalise_keys(raw, f"config file {p}")
+
+
+def merge(*layers: Mapping[str, Any]) -> Dict[str, Any]:
+    """DEFAULTS updated by each mapping in turn."""
+    cfg = dict(DEFAULTS)
+    for layer in layers:
+        cfg.update(layer)
+    return cfg
+
+
+def check_resume_overrides(saved: Mapping[str, Any], flags: Mapping[str, Any], folder: Path) -> None:
+    """Refuse flags that would change what a resumed run has already trained."""
+    bad = sorted(k for k, v in flags.items() if k not in RESUMABLE and k not in ("out", "name") and saved.get(k) != v)
+    if bad:
+        shown = ", ".join(f"{k} (saved {saved.get(k)!r}, given {flags[k]!r})" for k in bad)
+        raise ConfigError(
+            f"cannot change {shown} when resuming {folder}: the checkpoint was trained with the saved settings. "
+            f"Only {', '.join(sorted(RESUMABLE))} may change; start a new run (another --out) to change the others."
+        )
+
+
+def write(path: Path, cfg: Mapping[str, Any]) -> None:
+    """Save the settings as YAML, atomically."""
+    with atomic_file(path) as f:
+        f.write(yaml.safe_dump(dict(cfg), sort_keys=True).encode())

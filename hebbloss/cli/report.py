@@ -1,0 +1,138 @@
+"""What a ``hebbloss`` run leaves in its results folder: ``results.json``, a plot of linear-probe
+accuracy per layer next to the random-weights baseline (the comparison of Miconi 2021, Fig. 2), and a
+grid of the first plastic layer's learned filters. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_file
+
+RESULTS = "results.json"
+ACCURACY_PNG = "accuracy_per_layer.png"
+FILTERS_PNG = "filters.png"
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return repr(obj)
+
+
+def read_results(folder: Path) -> dict:
+    """The folder's results.json, or {} when there is none yet."""
+    path = Path(folder) / RESULTS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away and run again") from None
+
+
+def update_results(folder: Path, **sections: Any) -> Path:
+    """Merge ``sections`` into the folder's results.json (written atomically) and return its path."""
+    data = read_results(folder)
+    data.update(sections)
+    path = Path(folder) / RESULTS
+    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default)
+    with atomic_file(path) as f:
+        f.write(text.encode())
+    return path
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    with atomic_file(path) as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path, title: str = "", chance: Optional[float] = None) -> Path:
+    """Line plot of train (dashed) and test (solid) probe accuracy per layer, one colour per model
+    ("model", "random", ...), on shared axes. ``results[model][layer]`` has ``train_acc``, ``test_acc``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    layers = list(next(iter(results.values())).keys()) if results else []
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(layers) + 2.5), 3.6))
+    xs = range(len(layers))
+    colours = {"model": "tab:blue", "random": "tab:gray", "backprop": "tab:orange"}
+    for i, name in enumerate(names):
+        colour = colours.get(name, f"C{i + 2}")
+        label = "trained (Hebbian)" if name == "model" else f"{name} weights" if name == "random" else name
+        for split, style in (("test", "-"), ("train", "--")):
+            ys = [_acc(results[name].get(layer), split) for layer in layers]
+            ax.plot(xs, ys, style, marker="o", color=colour, label=f"{label}, {split}")
+    if chance is not None:
+        ax.axhline(chance, color="black", lw=0.8, ls=":", label="chance")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(layers, rotation=30 if max(map(len, layers), default=0) > 8 else 0, ha="right")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("linear probe accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    return _save_figure(fig, Path(path))
+
+
+def _acc(result, split: str) -> float:
+    if result is None:
+        return math.nan
+    if isinstance(result, Mapping):
+        return float(result[f"{split}_acc"])
+    return float(getattr(result, f"{split}_acc"))
+
+
+def filter_images(module: nn.Module, image_shape) -> torch.Tensor:
+    """The learned filters of a plastic layer as images [units, C, h, w]: a conv's kernels, or a Linear's
+    rows reshaped to the input image when they have its size; otherwise each row as a 1-pixel-high strip."""
+    weight = module.weight.detach().float().cpu()  # the effective (masked, if pruned) weight
+    if weight.dim() == 4:
+        if weight.shape[1] not in (1, 3):
+            weight = weight[:, :1]  # deeper layer: show the first input channel
+        return weight
+    if weight.dim() == 2:
+        c, h, w = image_shape
+        if weight.shape[1] == c * h * w:
+            return weight.reshape(-1, c, h, w)
+        return weight.reshape(weight.shape[0], 1, 1, weight.shape[1])
+    return weight.reshape(weight.shape[0], 1, 1, -1)
+
+
+def plot_filters(module: nn.Module, path: Path, image_shape, title: str = "", max_filters: int = 256) -> Path:
+    """A grid of the layer's filters, each scaled to its own [min, max] (torchvision.utils.make_grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    images = filter_images(module, image_shape)[:max_filters]
+    nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(images, nrow=nrow, normalize=True, scale_each=True, padding=1, pad_value=1.0)
+    side = min(8.0, max(3.0, 0.45 * nrow))
+    fig, ax = plt.subplots(figsize=(side, side * grid.shape[1] / grid.shape[2] + 0.4))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    return _save_figure(fig, Path(path))

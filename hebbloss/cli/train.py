@@ -1,0 +1,170 @@
+"""The training loop of ``hebbloss train``: one surrogate-loss step per mini-batch (Miconi 2021), with
+checkpoints that make ``--resume`` continue bit-for-bit.
+
+The data order of an epoch is a permutation drawn from a dedicated generator. A checkpoint stores
+the generator's state as it was at the start of the epoch together with the number of steps done
+in it, so a resumed run draws the same permutation and skips exactly the batches already seen.
+Ctrl-C stops at the next step boundary and writes a checkpoint (press it twice to abort at once).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+
+
+@dataclass
+class TrainState:
+    """Where training stands: epochs completed, steps done in the current epoch, steps overall."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_rng: Optional[torch.Tensor] = None  # the order generator's state at the start of the epoch
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float in [0, 1] -> (x - mean) / std per channel."""
+    x = images.to(device).float().div_(255.0)
+    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
+def channel_stats(images: torch.Tensor) -> tuple:
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1] (float64 sums)."""
+    c = images.shape[1]
+    total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for chunk in images.split(1024):  # bounded memory on large datasets
+        x = chunk.double().div_(255.0).transpose(0, 1).reshape(c, -1)
+        total, total_sq, count = total + x.sum(1), total_sq + x.pow(2).sum(1), count + x.shape[1]
+    mean = total / count
+    var = (total_sq / count - mean.pow(2)).clamp_min(0) * count / max(count - 1, 1)
+    return mean.float(), var.sqrt().clamp_min(1e-6).float()
+
+
+class _StopFlag:
+    """Turns the first SIGINT into a request to stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: keep the default behaviour
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def run_training(
+    model: nn.Module,
+    plastic,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    state: TrainState,
+    save: Callable[[TrainState], None],
+    checkpoint_every: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    after_step: Sequence[Callable[[], None]] = (),
+    device="cpu",
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train ``model`` through the ``plastic`` handle for ``epochs`` epochs from ``state``; ``save(state)``
+    is called every ``checkpoint_every`` steps, at the end of every epoch and when stopping early.
+
+    Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
+    "seconds"}.
+    """
+    n = images.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    mean, std = mean.to(device), std.to(device)
+    losses, started, done_here = [], time.perf_counter(), 0
+    model.train()
+    with _StopFlag() as stop:
+        while state.epoch < epochs:
+            if state.step_in_epoch == 0 or state.epoch_rng is None:
+                state.epoch_rng = generator.get_state()
+            else:
+                generator.set_state(state.epoch_rng)
+            order = torch.randperm(n, generator=generator)
+            total, count = 0.0, 0
+            bar = tqdm(range(state.step_in_epoch, steps_per_epoch), desc=f"epoch {state.epoch + 1}/{epochs}",
+                       disable=not progress, leave=False, unit="batch")
+            for step in bar:
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                model(normalise(images[idx], mean, std, device))
+                optimizer.zero_grad(set_to_none=True)
+                loss = plastic.loss()
+                loss.backward()
+                optimizer.step()
+                for fn in after_step:
+                    fn()
+                total, count = total + loss.item(), count + 1
+                state.step_in_epoch, state.global_step, done_here = step + 1, state.global_step + 1, done_here + 1
+                bar.set_postfix(loss=f"{total / count:.4g}")
+                if state.step_in_epoch == steps_per_epoch:
+                    break  # the end-of-epoch checkpoint below covers this step
+                if stop.requested or (max_steps is not None and done_here >= max_steps):
+                    save(state)
+                    return _summary(False, state, losses + [total / count], started, stopped=stop.requested)
+                if checkpoint_every and state.global_step % checkpoint_every == 0:
+                    save(state)
+            bar.close()
+            if count:
+                losses.append(total / count)
+            state.epoch, state.step_in_epoch, state.epoch_rng = state.epoch + 1, 0, None
+            save(state)
+            if stop.requested or (max_steps is not None and done_here >= max_steps and state.epoch < epochs):
+                return _summary(False, state, losses, started, stopped=stop.requested)
+    return _summary(True, state, losses, started)
+
+
+def _summary(completed, state, losses, started, stopped=False):
+    return {
+        "completed": completed,
+        "interrupted": stopped,
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "losses": losses,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def state_to_progress(state: TrainState) -> Dict[str, Any]:
+    """The ``progress`` entry of a checkpoint."""
+    return {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
+            "epoch_rng": state.epoch_rng}
+
+
+def progress_to_state(progress: Dict[str, Any]) -> TrainState:
+    return TrainState(progress["epoch"], progress["step_in_epoch"], progress["global_step"], progress.get("epoch_rng"))
+
+
+def save_checkpoint(path: Path, model, plastic, optimizer, generator, state: TrainState, config: Dict[str, Any]) -> None:
+    """Atomically write everything ``--resume`` needs to ``path``."""
+    checkpoint.save(path, {**checkpoint.training_state(model, plastic, optimizer, generator, **state_to_progress(state)),
+                           "config": dict(config)})

@@ -1,0 +1,207 @@
+"""The `hebbloss` command on a tiny in-test dataset: training, exact resumption, and bad input that
+gives a clear error and changes nothing on disk."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import hebbloss.data
+from hebbloss import checkpoint
+from hebbloss.cli import main
+from hebbloss.cli import train as train_mod
+from hebbloss.data import ImageDataset
+
+TINY = ["--dataset", "tiny", "--model", "miconi2021", "--model-arg", "channels=[4,6,8]", "--model-arg", "pruning=false",
+        "--no-progress"]
+
+
+def tiny_dataset(n_train=48, n_test=24):
+    """Two classes of 28x28 images: a bright horizontal or vertical bar at a random place, plus noise."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        labels = torch.arange(n) % 2
+        images = torch.randint(0, 60, (n, 1, 28, 28), generator=g)
+        where = torch.randint(4, 24, (n,), generator=g)
+        for i in range(n):
+            if labels[i] == 0:
+                images[i, 0, where[i] - 2:where[i] + 2, :] = 250
+            else:
+                images[i, 0, :, where[i] - 2:where[i] + 2] = 250
+        return images.to(torch.uint8), labels
+
+    tr, te = make(n_train), make(n_test)
+    return ImageDataset(tr[0], tr[1], te[0], te[1], ["horizontal", "vertical"], "tiny")
+
+
+@pytest.fixture(autouse=True)
+def tiny_data(monkeypatch):
+    real = hebbloss.data.load_dataset
+
+    def load(name, *args, **kwargs):
+        return tiny_dataset() if name == "tiny" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(hebbloss.data, "load_dataset", load)
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes."""
+    if not folder.exists():
+        return None
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def final_weights(folder):
+    return checkpoint.load(folder / "checkpoint.pt")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_train_writes_checkpoint_config_and_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--batch-size", "16", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "config.yaml", "results.json"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["completed"] and results["train"]["global_step"] == 6  # 2 epochs x 48/16
+    assert len(results["train"]["losses"]) == 2
+    assert results["config"]["model_args"] == {"channels": [4, 6, 8], "pruning": False}
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["progress"]["epoch"] == 2
+    assert any(k.endswith("theta") for k in state["plastic"])  # k-WTA thresholds are saved
+    assert "trained 6 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stop_after", [2, 3, 4])  # mid-epoch, at an epoch boundary, in the second epoch
+def test_resume_after_max_steps_matches_uninterrupted(tmp_path, stop_after):
+    args = [*TINY, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "1"]
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    part = tmp_path / "part"
+    assert main(["train", *args, "--out", str(part), "--max-steps", str(stop_after)]) == 0
+    assert checkpoint.load(part / "checkpoint.pt")["progress"]["global_step"] == stop_after
+    torch.manual_seed(1234)  # the resumed run must not depend on the state left behind
+    assert main(["train", "--resume", str(part), "--no-progress"]) == 0
+    assert_same_weights(final_weights(part), final_weights(tmp_path / "whole"))
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["train"]
+    resumed = json.loads((part / "results.json").read_text())["train"]
+    assert resumed["completed"] and resumed["global_step"] == whole["global_step"] == 6
+    assert len(resumed["losses"]) == 2
+
+
+def test_ctrl_c_stops_with_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+    args = [*TINY, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "100"]
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    real, calls = train_mod.normalise, []
+
+    def interrupt_on_fourth_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 4
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "normalise", interrupt_on_fourth_batch)
+    part = tmp_path / "part"
+    assert main(["train", *args, "--out", str(part)]) == 130
+    assert checkpoint.load(part / "checkpoint.pt")["progress"]["global_step"] == 4  # step 4 finished, then stopped
+    monkeypatch.setattr(train_mod, "normalise", real)
+    assert main(["train", "--resume", str(part), "--no-progress"]) == 0
+    assert_same_weights(final_weights(part), final_weights(tmp_path / "whole"))
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: tiny\nmodel: miconi2021\nmodel-args: {channels: [4, 6, 8], pruning: false}\nepochs: 3\nbatch_size: 24\nprogress: false\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--epochs", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["epochs"] == 1  # the flag wins over the file
+    assert results["train"]["global_step"] == 2  # batch size 24 from the file
+
+
+def test_timm_model_with_rule_post_prune_and_layer_lr(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "tiny", "--model", "timm:resnet10t", "--layers", "conv1.[036]", "layer1.*conv*",
+            "--rule", "oja", "--post", "kwta:2:0.5", "--prune", "0.5", "--lr", "1e-3", "--layer-lr", "conv1.0=0.01",
+            "--epochs", "1", "--batch-size", "24", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    state = checkpoint.load(out / "checkpoint.pt")
+    lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+    assert lrs[0] == 0.01 and set(lrs[1:]) == {1e-3}
+    masks = {k: v for k, v in state["model"].items() if k.endswith("weight_mask")}
+    assert "conv1.0.weight_mask" not in masks and len(masks) >= 2  # every plastic layer after the first is pruned
+    for k, mask in masks.items():
+        assert abs(mask.float().mean().item() - 0.5) < 0.05, k
+        assert (state["model"][k.replace("_mask", "_orig")] * mask == 0).sum() >= (mask == 0).sum()
+    assert any(k.endswith("theta") for k in state["plastic"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def run_failing(argv, capsys):
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "no-such-data"], "no-such-data"),
+    (["--model", "resnet-nonsense"], "--model 'resnet-nonsense' is not known; reference networks: miconi2021"),
+    (["--model", "timm:resnet1800"], "timm has no model called 'resnet1800'"),
+    (["--layers", "conv9"], "conv9"),
+    (["--probe-layers", "pool7"], "pool7"),
+    (["--post", "wta:3"], "--post 'wta:3' is not understood"),
+    (["--layer-lr", "conv7=0.1"], "layer_lr pattern 'conv7' matches none of the plastic layers: conv1, conv2, conv3"),
+    (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+])
+def test_bad_input_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    base = {"--dataset": TINY[2:], "--model": ["--dataset", "tiny", "--no-progress"]}.get(argv[0], TINY)
+    err = run_failing(["run", *base, *argv, "--out", str(out)], capsys)
+    assert message in err
+    assert not out.exists()
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: tiny\nlearning_rate: 0.1\n")
+    err = run_failing(["train", "--config", str(cfg), "--out", str(tmp_path / "run")], capsys)
+    assert "unknown setting 'learning_rate'" in err and "valid settings are" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_results_folder_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = snapshot(out)
+    err = run_failing(["train", *TINY, "--epochs", "1", "--out", str(out)], capsys)
+    assert "already exists" in err and f"--resume {out}" in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--max-steps", "1", "--out", str(out)]) == 0
+    ckpt = out / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"not a checkpoint" * 10)
+    before = snapshot(out)
+    err = run_failing(["train", "--resume", str(out)], capsys)
+    assert f"checkpoint {ckpt} is corrupt or truncated" in err
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_changed_settings_and_missing_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--max-steps", "1", "--out", str(out)]) == 0
+    before = snapshot(out)
+    err = run_failing(["train", "--resume", str(out), "--rule", "hebb"], capsys)
+    assert "cannot change rule" in err
+    assert snapshot(out) == before
+    err = run_failing(["train", "--resume", str(tmp_path / "nothing")], capsys)
+    assert "is not a hebbloss results folder" in err
+    assert not (tmp_path / "nothing").exists()
