@@ -1,0 +1,270 @@
+"""Every bad input gets a clear error naming the layer / the valid options, and changes nothing:
+no hook is left or added, no record is added or dropped, the layers stay free to attach (Miconi 2021)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hebbloss
+
+D = torch.float64
+RULE_NAMES = ("hebb", "instar", "oja", "softhebb")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv1(x)).mean(dim=(2, 3)))
+
+
+def _net():
+    return Net().to(D)
+
+
+def _x(nan=False):
+    x = torch.randn(2, 2, 5, 5, dtype=D)
+    if nan:
+        x[0, 0, 0, 0] = math.nan
+    return x
+
+
+def _hooks(model):
+    dicts = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks")
+    return {(n, d): list(getattr(m, d)) for n, m in model.named_modules() for d in dicts}
+
+
+def _no_hooks(model):
+    return all(not v for v in _hooks(model).values())
+
+
+def _records(plastic):
+    """Snapshot of the records: the same Record objects in the same order."""
+    return {n: [id(r) for r in recs] for n, recs in plastic.records.items()}
+
+
+def _still_free(model):
+    """Nothing half-attached is left: the model's layers can be attached again."""
+    hebbloss.attach(model).remove()
+    assert _no_hooks(model)
+
+
+# --------------------------------------------------------------------------- attach-time errors
+
+
+def test_unknown_rule_lists_the_valid_ones():
+    model = _net()
+    with pytest.raises(ValueError, match="unknown rule 'ojaa'") as err:
+        hebbloss.attach(model, rule="ojaa")
+    assert all(name in str(err.value) for name in RULE_NAMES)
+    assert "Rule subclass" in str(err.value)  # and how to bring one's own
+    assert _no_hooks(model)
+    _still_free(model)
+
+
+def test_unknown_rule_in_overrides_changes_nothing():
+    model = _net()
+    with pytest.raises(ValueError, match="unknown rule 'bogus'.*hebb, instar, oja, softhebb"):
+        hebbloss.attach(model, rule="oja", overrides={"fc": {"rule": "bogus"}})
+    assert _no_hooks(model)
+    _still_free(model)
+
+
+def test_unknown_rule_in_surrogate_loss():
+    layer = nn.Linear(2, 2)
+    z = layer(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="unknown rule 42.*hebb, instar, oja, softhebb"):
+        hebbloss.surrogate_loss(layer, z, z.detach(), rule=42)
+
+
+def test_targets_matching_nothing_list_what_the_model_has():
+    model = _net()
+    with pytest.raises(ValueError, match=r"targets='conv9' matched no module of Net") as err:
+        hebbloss.attach(model, targets="conv9")
+    assert "conv1 (Conv2d)" in str(err.value) and "fc (Linear)" in str(err.value)
+    assert _no_hooks(model)
+    with pytest.raises(ValueError, match="matched no module"):
+        hebbloss.attach(model, targets=[nn.Conv3d, lambda n, m: False])
+    assert _no_hooks(model)
+    _still_free(model)
+
+
+def test_target_of_a_wrong_kind_is_named():
+    model = _net()
+    with pytest.raises(TypeError, match="a target must be a string, a type or a callable.*42"):
+        hebbloss.attach(model, targets=[42])
+    assert _no_hooks(model)
+
+
+def test_a_model_without_supported_layers():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="Sequential has no layer that can be made plastic.*Linear, Conv"):
+        hebbloss.attach(model)
+    assert _no_hooks(model)
+
+
+def test_an_unsupported_layer_named_explicitly():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with pytest.raises(ValueError, match=r"  - 1: BatchNorm1d is not a registered layer type \(supported: .*Linear"):
+        hebbloss.attach(model, targets=["0", "1"])
+    assert _no_hooks(model)
+    _still_free(model)
+
+
+def test_overrides_pattern_matching_nothing_and_unknown_key():
+    model = _net()
+    with pytest.raises(ValueError, match=r"overrides pattern 'conv7' matches none of the plastic layers: conv1, fc"):
+        hebbloss.attach(model, overrides={"conv7": {"rule": "oja"}})
+    with pytest.raises(ValueError, match=r"overrides\['fc'\] has unknown keys \['lr'\]; allowed: 'rule', 'post'"):
+        hebbloss.attach(model, overrides={"fc": {"lr": 0.1}})
+    assert _no_hooks(model)
+    _still_free(model)
+
+
+def test_bad_reduction():
+    model = _net()
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'max'"):
+        hebbloss.attach(model, reduction="max")
+    assert _no_hooks(model)
+    layer = nn.Linear(2, 2)
+    z = layer(torch.randn(3, 2))
+    with pytest.raises(ValueError, match=r"reduction must be one of \('sum', 'mean'\), got 'max'"):
+        hebbloss.surrogate_loss(layer, z, z.detach(), reduction="max")
+
+
+def test_attaching_twice_to_one_layer():
+    model = _net()
+    first = hebbloss.attach(model, rule="oja", targets="conv1")
+    hooks = _hooks(model)
+    with pytest.raises(ValueError, match=r"layers conv1 are already plastic.*call \.remove\(\) on that handle first"):
+        hebbloss.attach(model, rule="hebb")  # conv1 clashes; fc must not be left half-attached
+    assert _hooks(model) == hooks
+    model(_x())
+    assert len(first.records["conv1"]) == 1  # the first handle still works, alone
+    first.loss()
+    first.remove()
+    _still_free(model)
+
+
+def test_attaching_the_same_model_twice_names_every_layer():
+    model = _net()
+    with hebbloss.attach(model):
+        with pytest.raises(ValueError, match="layers conv1, fc are already plastic"):
+            hebbloss.attach(model)
+    _still_free(model)
+
+
+# --------------------------------------------------------------------------- forward-time errors
+
+
+@pytest.mark.parametrize(
+    "post, shown",
+    [
+        (lambda z: z.flatten(1), r"has shape \(2, \d+\), but the layer's output has shape \(2, 3, 3, 3\)"),
+        (lambda z: z.sum(), r"has shape \(\), but the layer's output"),
+        (lambda z: (z, z), r"has shape tuple, but the layer's output"),
+    ],
+)
+def test_post_of_the_wrong_shape_names_the_layer(post, shown):
+    model = _net()
+    plastic = hebbloss.attach(model, post=post)
+    hooks = _hooks(model)
+    with pytest.raises(ValueError, match=r"the post signal of layer 'conv1' " + shown + ".*same shape"):
+        model(_x())
+    assert _records(plastic) == {"conv1": [], "fc": []}
+    assert _hooks(model) == hooks
+    plastic.remove()
+
+
+def test_post_of_the_wrong_shape_on_a_later_layer_keeps_its_records():
+    model = _net()
+    post = lambda z: z if z.shape[0] == 2 else z[:, :1]  # noqa: E731  (breaks on a batch of 3)
+    plastic = hebbloss.attach(model, rule="oja", overrides={"fc": {"post": post}})
+    model(_x())
+    snapshot, hooks = _records(plastic), _hooks(model)
+    with pytest.raises(ValueError, match=r"the post signal of layer 'fc' has shape \(3, 1\), but the layer's output has shape \(3, 2\)"):
+        model(torch.randn(3, 2, 5, 5, dtype=D))
+    assert _records(plastic)["fc"] == snapshot["fc"]
+    assert _hooks(model) == hooks
+    plastic.remove()
+
+
+def test_wrong_post_shape_in_surrogate_loss():
+    layer = nn.Linear(2, 3)
+    z = layer(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"post has shape \(4, 2\) but the layer's output has shape \(4, 3\)"):
+        hebbloss.surrogate_loss(layer, z, torch.zeros(4, 2))
+
+
+def test_bare_weight_of_a_wrong_rank():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"bare weight must have 2 \(linear\) to 5 \(conv3d\) dimensions, got shape \(3,\)"):
+        hebbloss.surrogate_loss(w, torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_surrogate_loss_of_an_unsupported_module():
+    bn = nn.BatchNorm1d(3)
+    z = bn(torch.randn(4, 3))
+    with pytest.raises(hebbloss.layers.UnsupportedLayer, match="BatchNorm1d is not a registered layer type"):
+        hebbloss.surrogate_loss(bn, z, z.detach())
+
+
+# --------------------------------------------------------------------------- loss()-time errors
+
+
+def test_loss_without_a_recorded_forward():
+    model = _net()
+    plastic = hebbloss.attach(model)
+    with pytest.raises(RuntimeError, match=r"no forward pass of Net was recorded.*run model\(x\) with gradients enabled"):
+        plastic.loss()
+    with torch.no_grad():
+        model(_x())  # nothing is recorded under no_grad ...
+    with torch.inference_mode():
+        model(_x())  # ... nor under inference_mode
+    assert _records(plastic) == {"conv1": [], "fc": []}
+    with pytest.raises(RuntimeError, match="no forward pass of Net was recorded"):
+        plastic.loss()
+    plastic.remove()
+
+
+def test_loss_under_no_grad_keeps_the_records():
+    model = _net()
+    plastic = hebbloss.attach(model, rule="oja")
+    model(_x())
+    snapshot = _records(plastic)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"loss\(\) was called under torch.no_grad\(\); call it where gradients are enabled"):
+            plastic.loss()
+    assert _records(plastic) == snapshot
+    plastic.loss().backward()  # still usable
+    assert model.fc.weight.grad is not None
+    plastic.remove()
+
+
+def test_nan_in_an_output_names_the_layer_and_keeps_the_records():
+    model = _net()
+    plastic = hebbloss.attach(model, rule="oja")
+    model(_x(nan=True))
+    snapshot = _records(plastic)
+    with pytest.raises(FloatingPointError, match=r"layer 'conv1' produced NaN or Inf in its output; lower the learning rate"):
+        plastic.loss()
+    assert _records(plastic) == snapshot
+    plastic.remove()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_inf_or_nan_in_a_post_names_the_layer(bad):
+    model = _net()
+    plastic = hebbloss.attach(model, rule="instar", overrides={"fc": {"post": lambda z: z.clone().fill_(bad)}})
+    model(_x())
+    snapshot = _records(plastic)
+    with pytest.raises(FloatingPointError, match=r"layer 'fc' produced NaN or Inf in its post signal"):
+        plastic.loss()
+    assert _records(plastic) == snapshot
+    plastic.remove()
+    assert _no_hooks(model)
