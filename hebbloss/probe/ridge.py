@@ -1,18 +1,150 @@
-"""Closed-form ridge regression on one-hot targets as a linear probe, streamed via X^T X and X^T Y."""
+"""Closed-form ridge regression on one-hot targets as a linear probe, streamed via X^T X and X^T Y.
+
+Features are standardised with the training mean and (population) standard deviation, then
+    W = (Z^T Z / n + alpha I)^-1 Z^T (Y - mean(Y)) / n,   b = mean(Y),
+the minimiser of ||Z W + b - Y||^2 / n + alpha ||W||^2 (Hoerl & Kennard 1970). Every quantity comes from
+the running sums n, sum x, X^T X, X^T Y, sum y and Y^T Y, so X is never held whole; the same sums of a
+held-out part give its squared error, so alpha is chosen without storing that part either.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .result import ProbeResult
 
+DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+MAX_FEATURES = 8192  # X^T X in float64 is 512 MiB at this size
+
+
+@dataclass
+class RidgeSolution:
+    """A fitted readout in the raw feature space: scores = x @ weight + bias."""
+
+    weight: torch.Tensor  # [D, K]
+    bias: torch.Tensor  # [K]
+    alpha: float
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.weight) @ self.weight + self.bias
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(x).argmax(dim=1)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-d tensor of class indices, got shape {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels span {int(labels.min())}..{int(labels.max())}, outside 0..{num_classes - 1}")
+    return torch.nn.functional.one_hot(labels.long(), num_classes)
+
 
 class RidgeAccumulator:
-    """Accumulates X^T X, X^T Y, sum X, sum X^2 batch by batch so X is never held whole."""
+    """Accumulates n, sum x, X^T X, X^T Y, sum y and Y^T Y batch by batch (float64 by default), so the
+    ridge readout of any number of samples needs O(D^2) memory; ``a += b`` pools two accumulators."""
 
     def __init__(self, num_features: int, num_classes: int, dtype=torch.float64, device=None):
-        raise NotImplementedError
+        if num_features > MAX_FEATURES:
+            raise ValueError(
+                f"{num_features} features need a {num_features}x{num_features} X^T X ({num_features ** 2 * 8 / 2 ** 30:.0f} GiB "
+                f"in float64); pool the layer (pool='quadrants', 'global' or a small grid) to at most {MAX_FEATURES}"
+            )
+        self.num_features, self.num_classes = num_features, num_classes
+        kw = dict(dtype=dtype, device=device)
+        self.n = 0
+        self.sum_x = torch.zeros(num_features, **kw)
+        self.xtx = torch.zeros(num_features, num_features, **kw)
+        self.xty = torch.zeros(num_features, num_classes, **kw)
+        self.sum_y = torch.zeros(num_classes, **kw)
+        self.yty = torch.zeros((), **kw)
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor) -> "RidgeAccumulator":
+        """Add the samples ``x`` [B, D] with class indices ``labels`` [B]."""
+        if x.dim() != 2 or x.shape[1] != self.num_features or x.shape[0] != labels.shape[0]:
+            raise ValueError(f"expected x [B, {self.num_features}] and B labels, got x {tuple(x.shape)} and {tuple(labels.shape)} labels")
+        x = x.to(self.xtx)
+        y = one_hot(labels.to(x.device), self.num_classes).to(x)
+        self.n += x.shape[0]
+        self.sum_x += x.sum(0)
+        self.xtx.addmm_(x.T, x)
+        self.xty.addmm_(x.T, y)
+        self.sum_y += y.sum(0)
+        self.yty += (y * y).sum()
+        return self
+
+    def __iadd__(self, other: "RidgeAccumulator") -> "RidgeAccumulator":
+        """Pool ``other``'s samples into this accumulator, in place (no extra D x D copy)."""
+        self.n += other.n
+        for k in ("sum_x", "xtx", "xty", "sum_y", "yty"):
+            getattr(self, k).add_(getattr(other, k))
+        return self
+
+    def standardisation(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and population standard deviation of each feature (1 where a feature is constant)."""
+        if self.n < 2:
+            raise ValueError(f"ridge needs at least 2 training samples, got {self.n}")
+        mean = self.sum_x / self.n
+        var = (self.xtx.diagonal() / self.n - mean * mean).clamp_min(0)
+        std = var.sqrt()
+        return mean, torch.where(std > 1e-6 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
+
+    def solve(self, alpha: float, standardise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> RidgeSolution:
+        """The ridge readout of the accumulated samples with penalty ``alpha`` (see the module docstring)."""
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        mean, std = standardise if standardise is not None else self.standardisation()
+        n = self.n
+        cov = (self.xtx - n * torch.outer(mean, mean)) / torch.outer(std, std) / n  # Z^T Z / n
+        cxy = (self.xty - n * torch.outer(mean, self.sum_y / n)) / std[:, None] / n  # Z^T (Y - y_mean) / n
+        cov.diagonal().add_(alpha)
+        w_z = torch.linalg.solve(cov, cxy)
+        weight = w_z / std[:, None]
+        bias = self.sum_y / n - mean @ weight
+        return RidgeSolution(weight, bias, float(alpha))
+
+    def squared_error(self, sol: RidgeSolution) -> float:
+        """Mean over samples of ||x W + b - y||^2 for the accumulated samples, from the sums alone."""
+        w, b = sol.weight.to(self.xtx), sol.bias.to(self.xtx)
+        total = (
+            (w * (self.xtx @ w)).sum() + 2 * (self.sum_x @ w) @ b + self.n * (b @ b)
+            - 2 * (w * self.xty).sum() - 2 * (b @ self.sum_y) + self.yty
+        )
+        return float(total / max(self.n, 1))
+
+
+def _alphas(alpha) -> List[float]:
+    if alpha is None:
+        return list(DEFAULT_ALPHAS)
+    if isinstance(alpha, (int, float)):
+        return [float(alpha)]
+    values = [float(a) for a in alpha]
+    if not values or not all(a > 0 for a in values):
+        raise ValueError(f"alpha must be a positive number or a non-empty list of them, got {alpha!r}")
+    return values
+
+
+def split_mask(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    """A fixed random boolean mask marking round(fraction * n) (at least 1) of n samples as held out."""
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.randperm(n, generator=g)[: max(1, round(fraction * n))]] = True
+    return held
+
+
+def choose_alpha(fit: RidgeAccumulator, held: RidgeAccumulator, alphas: Sequence[float]) -> float:
+    """The alpha whose readout fitted on ``fit`` has the lowest squared error on ``held``."""
+    errors = [held.squared_error(fit.solve(a)) for a in alphas]
+    return alphas[min(range(len(alphas)), key=errors.__getitem__)]
+
+
+def accuracy(sol: RidgeSolution, x: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> float:
+    if x.shape[0] == 0:
+        return float("nan")
+    correct = sum(int((sol.predict(x[i:i + chunk]).cpu() == labels[i:i + chunk].cpu()).sum()) for i in range(0, x.shape[0], chunk))
+    return correct / x.shape[0]
 
 
 def fit_ridge(
@@ -22,6 +154,37 @@ def fit_ridge(
     test_y: torch.Tensor,
     alpha: Optional[Union[float, Sequence[float]]] = None,
     num_classes: Optional[int] = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    chunk: int = 8192,
 ) -> ProbeResult:
-    """Standardise features, fit ridge regression to one-hot labels and report train/test accuracy."""
-    raise NotImplementedError
+    """Train and test accuracy of a ridge readout of standardised features onto one-hot labels.
+
+    ``alpha``: one value, or a list (None: :data:`DEFAULT_ALPHAS`) swept on a held-out ``val_fraction`` of
+    the training set by squared error, the winner refitted on the whole training set. Computed in float64
+    on the features' device, ``chunk`` samples at a time.
+    """
+    if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"features must be [N, D] with the same D, got train {tuple(train_x.shape)} and test {tuple(test_x.shape)}")
+    if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
+        raise ValueError("features and labels differ in number of samples")
+    alphas = _alphas(alpha)
+    k = num_classes if num_classes is not None else int(max(train_y.max(), test_y.max() if test_y.numel() else 0)) + 1
+    n, d = train_x.shape
+    sweep = len(alphas) > 1
+    held = split_mask(n, val_fraction, seed) if sweep else torch.zeros(n, dtype=torch.bool)
+    fit = RidgeAccumulator(d, k, device=train_x.device)
+    val = RidgeAccumulator(d, k, device=train_x.device) if sweep else None
+    for i in range(0, n, chunk):
+        x, y, h = train_x[i:i + chunk], train_y[i:i + chunk], held[i:i + chunk]
+        h_dev = h.to(x.device)
+        fit.update(x[~h_dev], y[~h])
+        if val is not None:
+            val.update(x[h_dev], y[h])
+    chosen = alphas[0]
+    if val is not None:
+        chosen = choose_alpha(fit, val, alphas)
+        fit += val
+        del val
+    sol = fit.solve(chosen)
+    return ProbeResult(accuracy(sol, train_x, train_y, chunk), accuracy(sol, test_x, test_y, chunk), chosen)

@@ -1,0 +1,73 @@
+"""Baselines probed in the same harness as the model: the same architecture with random weights, and
+(optionally) the same architecture trained end to end by backprop with a linear head."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data.batching import batches
+from .features import model_device
+
+BASELINES = ("random", "backprop")
+
+
+def _strip_hebbloss_hooks(model: nn.Module) -> None:
+    """Take hebbloss.attach's hooks off a *copy*: deepcopy keeps them pointing at the user's Plasticity."""
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", "").startswith("hebbloss.")]:
+                del hooks[key]
+
+
+def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of ``model`` with ``reset_parameters()`` called on every submodule that has it
+    (weights re-drawn from their default init, BatchNorm statistics reset); the global RNG is untouched.
+    Parameters outside such submodules (e.g. a ViT's position embedding) keep the model's values."""
+    net = copy.deepcopy(model)
+    _strip_hebbloss_hooks(net)
+    device = model_device(net)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for m in net.modules():
+                if callable(getattr(m, "reset_parameters", None)):
+                    m.reset_parameters()
+    return net
+
+
+def backprop_copy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A randomly re-initialised copy of ``model`` trained end to end, with a linear head on its flattened
+    output, by cross-entropy and Adam(lr) for ``epochs``; returns the copy (without the head), in eval mode."""
+    net = random_copy(model, seed)
+    device = model_device(net)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = net.eval()(next(batches(images[:2], labels[:2], 2, device=device, mean=mean, std=std))[0])
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the backprop baseline needs {type(model).__name__} to return a tensor, got {type(out).__name__}")
+        head = nn.Linear(out[0].numel(), num_classes).to(device)
+        opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=lr)
+        net.train()
+        for _ in range(epochs):
+            for x, y in batches(images, labels, batch_size, shuffle=True, generator=g, device=device, mean=mean, std=std):
+                loss = nn.functional.cross_entropy(head(net(x).flatten(1)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return net.eval()
