@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune  # noqa: F401  (the pruned-layer test)
 from hypothesis import given, strategies as st
 from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
@@ -274,3 +275,20 @@ def test_autocast_bfloat16_gradient_close_to_float64_reference():
         d_flat = delta @ B2  # feedback through the linear layer
         ref = torch.autograd.grad(F.conv2d(xr, B0, None, padding=1), xr, d_flat.reshape(z0.shape))[0]
         torch.testing.assert_close(x.grad.double(), ref, rtol=0.05, atol=0.05)
+
+
+def test_pruned_layer_gets_masked_weight_gradient_and_feedback_input_gradient():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.5)
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight)
+        plain.bias.copy_(conv.bias)
+    h = fb.convert(conv, "fa")
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    out = conv(x)
+    readout = torch.randn_like(out)
+    (out * readout).sum().backward()
+    ref_x, ref_w, _ = _grads_through(plain, x, h.feedback_weight(""), readout)
+    torch.testing.assert_close(x.grad, ref_x)
+    torch.testing.assert_close(conv.weight_orig.grad, ref_w * conv.weight_mask)
