@@ -5,25 +5,59 @@ the same size and number of channels.
 """
 from __future__ import annotations
 
+import io
 import tarfile
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Tuple, Union
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+try:  # deprecated since torchvision 0.29 (moving to torchcodec) but fast, batched for JPEG
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+except ImportError:  # pragma: no cover - a torchvision without image decoding: PIL below
+    decode_jpeg = None
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 Split = Tuple[torch.Tensor, torch.Tensor, List[str]]  # images uint8 [N,C,H,W], labels int64 [N], classes
 
 
+def _decode_pil(blob: bytes, name: str, where: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(blob))
+        img = img.convert("RGB") if img.mode not in ("L", "RGB", "RGBA") else img
+        array = np.array(img)
+    except OSError as e:
+        raise ValueError(f"cannot decode image {name} in {where}: {e}") from e
+    return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1).contiguous()
+
+
 def _decode_all(blobs: List[bytes], names: List[str], where: str) -> torch.Tensor:
     """Decode encoded images into one uint8 [N, C, H, W] tensor (JPEGs in one batched call)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = _decode_list(blobs, names, where)
+    return _stack(out, names, where)
+
+
+def _decode_list(blobs: List[bytes], names: List[str], where: str) -> List[torch.Tensor]:
+    if decode_jpeg is None:  # pragma: no cover
+        return [_decode_pil(b, n, where) for b, n in zip(blobs, names)]
     datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     is_jpeg = [b[:3] == b"\xff\xd8\xff" for b in blobs]
     out: List[torch.Tensor] = [None] * len(datas)  # type: ignore[list-item]
     jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
     if jpeg_idx:
-        for i, img in zip(jpeg_idx, decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.UNCHANGED)):
+        try:
+            decoded = decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.UNCHANGED)
+        except RuntimeError:  # find the bad file and name it
+            decoded = [_decode_pil(blobs[i], names[i], where) for i in jpeg_idx]
+        for i, img in zip(jpeg_idx, decoded):
             out[i] = img
     for i, j in enumerate(is_jpeg):
         if not j:
@@ -31,6 +65,10 @@ def _decode_all(blobs: List[bytes], names: List[str], where: str) -> torch.Tenso
                 out[i] = decode_image(datas[i], mode=ImageReadMode.UNCHANGED)
             except RuntimeError as e:
                 raise ValueError(f"cannot decode image {names[i]} in {where}: {e}") from e
+    return out
+
+
+def _stack(out: List[torch.Tensor], names: List[str], where: str) -> torch.Tensor:
     shapes = {tuple(t.shape) for t in out}
     if len(shapes) > 1:
         counts = {s: sum(tuple(t.shape) == s for t in out) for s in shapes}
