@@ -182,6 +182,23 @@ def test_plain_subclass_is_treated_as_its_parent():
     _assert_grad_is_update(layer, _expected(layer, [(x, z.detach())], "oja", None))
 
 
+def test_cpu_autocast_bfloat16_is_the_rule_update_within_bfloat16_precision():
+    """Under autocast the layer computes in bfloat16; the float32 grads match the reference to ~bf16 eps."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 16, 3))
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
+    cap = Capture(model, ["0", "2"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 6, 6))
+        loss = plastic.loss()
+    loss.backward()
+    for n in ("0", "2"):
+        layer = model[int(n)]
+        assert cap.seen[n][0][1].dtype == torch.bfloat16
+        for p, u in zip(hebbloss.layers.plastic_parameters(layer), _expected(layer, cap.seen[n], "oja", torch.tanh)):
+            assert p.grad.dtype == torch.float32
+            torch.testing.assert_close(p.grad.double(), -u, rtol=0, atol=2e-2 * u.abs().max().item())
+
+
 # --------------------------------------------------------------------------- locality
 
 

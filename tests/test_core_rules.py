@@ -80,9 +80,9 @@ def _assert_all_close(actual, expected):
         torch.testing.assert_close(a, e, **TOL)
 
 
-def _run(layer, shape, rule, post, **attach_kwargs):
+def _run(layer, shape, rule, post, x_grad=False, **attach_kwargs):
     """Forward once through attach; returns (x, z, y) the layer saw and the plastic handle's loss."""
-    x = torch.randn(shape, dtype=D)
+    x = torch.randn(shape, dtype=D, requires_grad=x_grad)
     plastic = hebbloss.attach(layer, rule=rule, post=post, **attach_kwargs)
     z = layer(x)
     y = z.detach() if post is None else post(z.detach())
@@ -93,12 +93,13 @@ def _run(layer, shape, rule, post, **attach_kwargs):
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("kind", KINDS)
-@given(data=st.data(), post_name=st.sampled_from(sorted(POSTS)))
-def test_minus_grad_is_the_rule_update(kind, rule, data, post_name):
+@given(data=st.data(), post_name=st.sampled_from(sorted(POSTS)), detach_input=st.booleans())
+def test_minus_grad_is_the_rule_update(kind, rule, data, post_name, detach_input):
     layer, shape = data.draw(layer_configs(kind))
-    x, z, y, loss = _run(layer, shape, rule, POSTS[post_name])
+    x, z, y, loss = _run(layer, shape, rule, POSTS[post_name], x_grad=True, detach_input=detach_input)
     loss.backward()
-    _assert_all_close(_grads(layer), _minus(rule_update(layer, x, y, z, rule)))
+    assert x.grad is None  # strictly local: nothing flows to the input, graph kept whole or not
+    _assert_all_close(_grads(layer), _minus(rule_update(layer, x.detach(), y, z, rule)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
