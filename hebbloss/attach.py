@@ -56,17 +56,28 @@ class Plasticity(nn.Module):
         self.records: Dict[str, List[Record]] = {n: [] for n in self.layers}
         self._hooks = HookOwner()
         self._model_name = type(model).__name__
+        self._forward_start: Optional[Dict[str, int]] = None
+        self._hooks.add(model.register_forward_pre_hook(self._begin_forward))
         for name, module in self.layers.items():
             if detach_input:
                 self._hooks.add(module.register_forward_pre_hook(_detach_inputs))
             self._hooks.add(module.register_forward_hook(self._make_hook(name)))
             _PLASTIC_LAYERS.add(module)
 
+    def _begin_forward(self, model, args):
+        """Remember how many records each layer had, to roll back a forward pass that fails."""
+        self._forward_start = {n: len(r) for n, r in self.records.items()}
+
     def _make_hook(self, name: str):
         def hook(module, args, output):
             if not torch.is_grad_enabled():
                 return
-            self.records[name].append(self._record(name, module, args, output))
+            try:
+                self.records[name].append(self._record(name, module, args, output))
+            except Exception:
+                for n, count in (self._forward_start or {}).items():
+                    del self.records[n][count:]  # the failed pass leaves no record behind
+                raise
         return hook
 
     def _record(self, name, module, args, output) -> Record:

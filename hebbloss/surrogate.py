@@ -30,16 +30,6 @@ def _weight_and_type(layer: Union[nn.Module, torch.Tensor]):
     return layer.weight, layer.bias, kind, layers.groups_of(layer)
 
 
-def _per_unit(kind, weight: torch.Tensor, groups: int, unit_values: torch.Tensor) -> torch.Tensor:
-    """``unit_values`` [units] shaped to broadcast against ``weight`` along its unit dimension(s)."""
-    if not kind.transposed:
-        return unit_values.view(-1, *([1] * (weight.dim() - 1)))
-    out_per_group = weight.shape[1]
-    per_group = unit_values.view(groups, 1, out_per_group, *([1] * (weight.dim() - 2)))
-    return per_group.expand(groups, weight.shape[0] // groups, *per_group.shape[2:]).reshape(
-        weight.shape[0], out_per_group, *([1] * (weight.dim() - 2)))
-
-
 class _UnitDecay(torch.autograd.Function):
     """1/2 * sum_c S_c * ||W_c||^2 with backward S_c * W_c in one pass (no W**2 temporary).
 
@@ -58,7 +48,7 @@ class _UnitDecay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, decay = ctx.saved_tensors
-        return weight * _per_unit(ctx.kind, weight, ctx.groups, decay * grad), None, None, None
+        return weight * ctx.kind.per_unit(decay * grad, weight, ctx.groups), None, None, None
 
 
 def surrogate_loss(
@@ -71,7 +61,8 @@ def surrogate_loss(
     """Scalar L whose negative gradient w.r.t. the layer's weight and bias is the rule's update.
 
     layer: the module that produced ``output`` (its weight layout is read from it), or a bare
-        weight tensor in the [out, ...] layout (then no bias term).
+        weight tensor read as [out, in, *kernel] (Linear or convolution; then no bias term). Pass the
+        module itself for a transposed convolution, whose weight is stored as [in, out/groups, ...].
     output: z, the layer's output, still attached to the graph of its weight.
     post: y, the post-synaptic signal, same shape as ``output`` (detached here).
     rule: a name from :func:`hebbloss.rules.available` or a :class:`hebbloss.rules.Rule`.

@@ -24,13 +24,6 @@ def unit_norms(module: nn.Module) -> torch.Tensor:
 
 def per_unit(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
     """A [units] vector broadcast to the layout of the module's weight (transposed convs included)."""
-    kind = layers.layer_type_of(module)
     weight = effective_weight(module)
-    values = values.to(weight)
-    if not kind.transposed:
-        return values.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight)
-    groups = layers.groups_of(module)
-    in_ch, out_per_group = weight.shape[0], weight.shape[1]
-    v = values.reshape(groups, 1, out_per_group, *([1] * (weight.dim() - 2)))
-    v = v.expand(groups, in_ch // groups, out_per_group, *weight.shape[2:])
-    return v.reshape(weight.shape)
+    kind = layers.layer_type_of(module)
+    return kind.per_unit(values.to(weight), weight, layers.groups_of(module)).expand_as(weight)

@@ -268,3 +268,15 @@ def test_inf_or_nan_in_a_post_names_the_layer(bad):
     assert _records(plastic) == snapshot
     plastic.remove()
     assert _no_hooks(model)
+
+
+def test_a_failing_forward_leaves_no_records_of_earlier_layers():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    bad_post = {"1": {"post": lambda z: z[..., :1]}}  # wrong shape, raised at the second layer
+    plastic = hebbloss.attach(model, rule="oja", overrides=bad_post)
+    with pytest.raises(ValueError, match="layer '1'"):
+        model(torch.randn(5, 4))
+    assert all(len(r) == 0 for r in plastic.records.values())
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        plastic.loss()
+    plastic.remove()

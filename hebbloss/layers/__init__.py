@@ -39,6 +39,15 @@ class LayerType:
         w = weight.reshape(groups, in_ch // groups, out_per_group, -1)
         return w.transpose(1, 2).reshape(groups * out_per_group, -1)
 
+    def per_unit(self, values: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """A [units] vector broadcastable against ``weight`` (expanded across groups when transposed)."""
+        if not self.transposed:
+            return values.view(-1, *([1] * (weight.dim() - 1)))
+        in_ch, out_per_group = weight.shape[0], weight.shape[1]
+        v = values.view(groups, 1, out_per_group, *([1] * (weight.dim() - 2)))
+        return v.expand(groups, in_ch // groups, out_per_group, *([1] * (weight.dim() - 2))).reshape(
+            in_ch, out_per_group, *([1] * (weight.dim() - 2)))
+
     def num_units(self, weight: torch.Tensor, groups: int = 1) -> int:
         return weight.shape[1] * groups if self.transposed else weight.shape[0]
 
@@ -76,7 +85,8 @@ def _reason_unsupported(module: nn.Module) -> Optional[str]:
     if torch.nn.utils.parametrize.is_parametrized(module):
         return f"{cls.__name__} has a parametrized weight (e.g. weight norm); the surrogate gradient would not be the rule's update"
     if hasattr(module, "weight_g") or hasattr(module, "weight_v"):
-        return f"{cls.__name__} uses weight_norm; the surrogate gradient would not be the rule's update"
+        how = "spectral_norm" if hasattr(module, "weight_u") else "weight_norm"
+        return f"{cls.__name__} uses {how}, which derives its weight in forward; the surrogate gradient would not be the rule's update"
     if not isinstance(getattr(module, "weight", None), nn.Parameter) and not _is_pruned(module):
         return f"{cls.__name__} has no weight Parameter (lazy or derived weight)"
     return None
