@@ -222,3 +222,13 @@ def test_random_copy_reinitialises_without_touching_model_or_plasticity():
     net(torch.randn(2, 1, 8, 8))
     assert plastic.records["0"]
     plastic.remove()
+
+
+def test_ridge_solve_many_matches_reference():
+    g = torch.Generator().manual_seed(5)
+    x, labels = torch.randn(40, 7, generator=g), torch.randint(0, 3, (40,), generator=g)
+    acc = RidgeAccumulator(7, 3).update(x, labels)
+    alphas = [1e-3, 0.5, 20.0]
+    for alpha, sol in zip(alphas, acc.solve_many(alphas)):
+        w, b = ref_ridge(x, labels, 3, alpha)
+        assert np.allclose(sol.weight.numpy(), w, atol=1e-8) and np.allclose(sol.bias.numpy(), b, atol=1e-8)

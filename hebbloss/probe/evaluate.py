@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import ImageDataset, load_dataset
 from .baselines import BASELINES, backprop_copy, random_copy
-from .features import INPUT, capture_features, iter_features, model_device, resolve_layers
+from .features import capture_features, iter_features, model_device, resolve_layers
 from .logistic import fit_logistic
 from .pooling import Pool, check_pool
 from .result import ProbeResult

@@ -91,19 +91,34 @@ class RidgeAccumulator:
         std = var.sqrt()
         return mean, torch.where(std > 1e-6 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
 
-    def solve(self, alpha: float, standardise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> RidgeSolution:
+    def _standardised_moments(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mean, std, Z^T Z / n and Z^T (Y - mean Y) / n of the standardised features Z."""
+        mean, std = self.standardisation()
+        n = self.n
+        cov = (self.xtx - n * torch.outer(mean, mean)) / torch.outer(std, std) / n
+        cxy = (self.xty - n * torch.outer(mean, self.sum_y / n)) / std[:, None] / n
+        return mean, std, cov, cxy
+
+    def _raw(self, w_z, mean, std, alpha) -> RidgeSolution:
+        weight = w_z / std[:, None]
+        return RidgeSolution(weight, self.sum_y / self.n - mean @ weight, float(alpha))
+
+    def solve(self, alpha: float) -> RidgeSolution:
         """The ridge readout of the accumulated samples with penalty ``alpha`` (see the module docstring)."""
         if not alpha > 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
-        mean, std = standardise if standardise is not None else self.standardisation()
-        n = self.n
-        cov = (self.xtx - n * torch.outer(mean, mean)) / torch.outer(std, std) / n  # Z^T Z / n
-        cxy = (self.xty - n * torch.outer(mean, self.sum_y / n)) / std[:, None] / n  # Z^T (Y - y_mean) / n
+        mean, std, cov, cxy = self._standardised_moments()
         cov.diagonal().add_(alpha)
-        w_z = torch.linalg.solve(cov, cxy)
-        weight = w_z / std[:, None]
-        bias = self.sum_y / n - mean @ weight
-        return RidgeSolution(weight, bias, float(alpha))
+        return self._raw(torch.linalg.solve(cov, cxy), mean, std, alpha)
+
+    def solve_many(self, alphas: Sequence[float]) -> List[RidgeSolution]:
+        """:meth:`solve` for several penalties from one eigendecomposition of Z^T Z / n."""
+        if not all(a > 0 for a in alphas):
+            raise ValueError(f"alphas must be positive, got {list(alphas)}")
+        mean, std, cov, cxy = self._standardised_moments()
+        eigval, eigvec = torch.linalg.eigh(cov)
+        proj = eigvec.T @ cxy
+        return [self._raw(eigvec @ (proj / (eigval.clamp_min(0) + a)[:, None]), mean, std, a) for a in alphas]
 
     def squared_error(self, sol: RidgeSolution) -> float:
         """Mean over samples of ||x W + b - y||^2 for the accumulated samples, from the sums alone."""
@@ -136,7 +151,7 @@ def split_mask(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
 
 def choose_alpha(fit: RidgeAccumulator, held: RidgeAccumulator, alphas: Sequence[float]) -> float:
     """The alpha whose readout fitted on ``fit`` has the lowest squared error on ``held``."""
-    errors = [held.squared_error(fit.solve(a)) for a in alphas]
+    errors = [held.squared_error(sol) for sol in fit.solve_many(alphas)]
     return alphas[min(range(len(alphas)), key=errors.__getitem__)]
 
 
