@@ -233,20 +233,24 @@ def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, mean, s
 
     started = time.perf_counter()
     extra = {"mean": mean.tolist(), "std": std.tolist(), "device": cfg.get("device") or "cpu",
-             "seed": int(cfg.get("seed") or 0), "progress": bool(cfg.get("progress", True))}
+             "seed": int(cfg.get("seed") or 0), "progress": bool(cfg.get("progress", True)),
+             "batch_size": int(cfg.get("batch_size") or 256)}
     result = evaluate(model, ds, probe_layers, method=cfg.get("method") or "ridge", pool=cfg.get("pool") or "quadrants",
                       baselines=tuple(cfg.get("baselines") or ()), **_accepted(evaluate, extra))
     seconds = time.perf_counter() - started
     print(result.table())
+    summary = result.to_dict()
+    per_network = report.by_network(summary["rows"])
+    layers = list(next(iter(per_network.values()), {}))
     chance = 1.0 / max(1, len(ds.classes))
-    acc_png = report.plot_accuracy(result.results, folder / report.ACCURACY_PNG,
+    acc_png = report.plot_accuracy(per_network, folder / report.ACCURACY_PNG,
                                    title=f"{ds.name}: {cfg.get('method') or 'ridge'} probe per layer", chance=chance)
     name, module = first
     filt_png = report.plot_filters(module, folder / report.FILTERS_PNG, tuple(ds.train_images.shape[1:]),
                                    title=f"{name or '(model)'}: learned filters")
-    path = report.update_results(folder, probe={**result.to_dict(), "seconds": seconds, "layers": list(next(iter(result.results.values()), {}))},
+    path = report.update_results(folder, probe={**summary, "seconds": seconds, "layers": layers},
                                  files={"results": report.RESULTS, "accuracy_plot": acc_png.name, "filters_plot": filt_png.name})
-    print(f"hebbloss: probed {len(next(iter(result.results.values()), {}))} layers in {seconds:.1f} s; results in {path}, plots {acc_png.name}, {filt_png.name}")
+    print(f"hebbloss: probed {len(layers)} layers in {seconds:.1f} s; results in {path}, plots {acc_png.name}, {filt_png.name}")
     return 0
 
 

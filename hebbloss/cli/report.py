@@ -63,6 +63,19 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
+def by_network(rows, method: Optional[str] = None) -> dict:
+    """``{network: {layer: row}}`` from a probe report's rows (dicts with network, layer, method,
+    train_acc, test_acc), keeping one method (the first one present when ``method`` is None)."""
+    rows = list(rows)
+    if method is None and rows:
+        method = rows[0]["method"]
+    out: dict = {}
+    for r in rows:
+        if r["method"] == method:
+            out.setdefault(r["network"], {})[r["layer"]] = r
+    return out
+
+
 def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path, title: str = "", chance: Optional[float] = None) -> Path:
     """Line plot of train (dashed) and test (solid) probe accuracy per layer, one colour per model
     ("model", "random", ...), on shared axes. ``results[model][layer]`` has ``train_acc``, ``test_acc``."""
