@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import ImageDataset, load_dataset
 from .baselines import BASELINES, backprop_copy, random_copy
@@ -162,6 +163,7 @@ def evaluate(
     val_fraction: float = 0.1,
     seed: int = 0,
     use_timm: bool = True,
+    progress: bool = False,
 ) -> ProbeReport:
     """Per-layer train/test accuracy of linear readouts of ``model`` and of each baseline on ``dataset``.
 
@@ -172,6 +174,7 @@ def evaluate(
     images per channel, as the model saw them in training; max_train/max_test: random subsets.
     ``stream``: True, False or "auto" (when the features of all layers exceed ``max_feature_bytes``); only
     ridge can be streamed. The model is not changed (eval mode and no_grad during extraction).
+    ``progress`` shows a tqdm bar over networks, feature extraction and readouts.
     """
     t0 = time.perf_counter()
     methods = [method] if isinstance(method, str) else list(method)
@@ -210,15 +213,19 @@ def evaluate(
         networks.append(("random", lambda: random_copy(model, seed + RANDOM_SEED_OFFSET)))
     if "backprop" in baselines:
         networks.append(("backprop", lambda: backprop_copy(model, tr[0], tr[1], k, backprop_epochs, mean=mean, std=std, seed=seed + RANDOM_SEED_OFFSET)))
+    bar = tqdm(total=len(networks) * (1 + len(chosen) * len(methods)), desc="probe", disable=not progress, leave=False)
     for label, build in networks:
+        bar.set_postfix_str(label)
         net = build().to(device) if label != "model" else model
         modules = dict(net.named_modules())
         net_chosen = [(n, None if m is None else modules[n]) for n, m in chosen]
         if stream:
             for name, (dim, res) in _streamed_ridge(net, net_chosen, tr, te, k, alphas, common, val_fraction, seed).items():
                 report.rows.append(ProbeRow(label, name, "ridge", dim, res.train_acc, res.test_acc, res.alpha))
+            bar.update(1 + len(chosen) * len(methods))
             continue
         feats = [capture_features(net, [n for n, _ in chosen], imgs, out_device=device, **common) for imgs in (tr[0], te[0])]
+        bar.update(1)
         for name, _ in chosen:
             x, xt = feats[0][name], feats[1][name]
             if "ridge" in methods:
@@ -229,5 +236,7 @@ def evaluate(
                 else:
                     res = fit_logistic(x, tr[1], xt, te[1], epochs=epochs, num_classes=k, seed=seed)
                 report.rows.append(ProbeRow(label, name, m, x.shape[1], res.train_acc, res.test_acc, res.alpha))
+                bar.update(1)
+    bar.close()
     report.seconds = time.perf_counter() - t0
     return report
