@@ -10,7 +10,7 @@ import torch
 import hebbloss.data
 from hebbloss import checkpoint
 from hebbloss.cli import main
-from hebbloss.cli import train as train_mod
+from hebbloss.cli.preprocess import Preprocess
 from hebbloss.data import ImageDataset
 
 TINY = ["--dataset", "tiny", "--model", "miconi2021", "--model-arg", "channels=[4,6,8]", "--model-arg", "pruning=false",
@@ -97,7 +97,7 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, stop_after):
 def test_ctrl_c_stops_with_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     args = [*TINY, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "100"]
     assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
-    real, calls = train_mod.normalise, []
+    real, calls = Preprocess.forward, []
 
     def interrupt_on_fourth_batch(*a, **k):
         calls.append(1)
@@ -105,11 +105,11 @@ def test_ctrl_c_stops_with_checkpoint_and_resume_is_exact(tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 4
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "normalise", interrupt_on_fourth_batch)
+    monkeypatch.setattr(Preprocess, "forward", interrupt_on_fourth_batch)
     part = tmp_path / "part"
     assert main(["train", *args, "--out", str(part)]) == 130
     assert checkpoint.load(part / "checkpoint.pt")["progress"]["global_step"] == 4  # step 4 finished, then stopped
-    monkeypatch.setattr(train_mod, "normalise", real)
+    monkeypatch.setattr(Preprocess, "forward", real)
     assert main(["train", "--resume", str(part), "--no-progress"]) == 0
     assert_same_weights(final_weights(part), final_weights(tmp_path / "whole"))
 
@@ -205,3 +205,56 @@ def test_resume_refuses_changed_settings_and_missing_folder(tmp_path, capsys):
     err = run_failing(["train", "--resume", str(tmp_path / "nothing")], capsys)
     assert "is not a hebbloss results folder" in err
     assert not (tmp_path / "nothing").exists()
+
+
+# ------------------------------------------------------------------------------------------ probe and run
+def check_png(path):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_run_end_to_end_then_reprobe(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--epochs", "1", "--batch-size", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pool1" in printed and "pool3" in printed and "random" in printed  # the layerwise table
+    results = json.loads((out / "results.json").read_text())
+    rows = results["probe"]["rows"]
+    assert {(r["network"], r["layer"]) for r in rows} == {(n, f"pool{i}") for n in ("model", "random") for i in (1, 2, 3)}
+    assert all(0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["train_acc"] <= 1.0 for r in rows)
+    assert results["train"]["completed"] and results["config"]["zca"] is True
+    check_png(out / "accuracy_per_layer.png")
+    check_png(out / "filters.png")
+    weights = checkpoint.load(out / "checkpoint.pt")["model"]
+
+    assert main(["probe", "--run", str(out), "--pool", "global", "--baselines", "none", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["probe"]["pool"] == "global"
+    assert {r["network"] for r in results["probe"]["rows"]} == {"model"}
+    assert results["train"]["global_step"] == 3  # the training record is kept
+    assert_same_weights(checkpoint.load(out / "checkpoint.pt")["model"], weights)  # probing changes no weight
+
+
+def test_probe_fresh_timm_model(tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert main(["probe", "--dataset", "tiny", "--model", "timm:resnet10t", "--probe-layers", "layer1", "layer2",
+                 "--pool", "global", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["layer"] for r in results["probe"]["rows"]} == {"layer1", "layer2"}
+    assert results["model"]["trained"] is False and results["config"]["zca"] is False
+    check_png(out / "filters.png")
+
+
+def test_filter_images_of_linear_and_conv_layers():
+    from torch import nn
+
+    from hebbloss.cli.report import filter_images
+
+    conv = nn.Conv2d(3, 5, 4)
+    assert torch.equal(filter_images(conv, (3, 8, 8)), conv.weight.detach())
+    lin = nn.Linear(2 * 6 * 6, 7)
+    assert torch.equal(filter_images(lin, (2, 6, 6)), lin.weight.detach().reshape(7, 2, 6, 6))
+    assert filter_images(nn.Linear(10, 3), (1, 28, 28)).shape == (3, 1, 1, 10)

@@ -55,6 +55,9 @@ DEFAULT_MODEL = "miconi2021"
 DEFAULT_MODEL_ARGS = {"channels": [32, 64, 128], "pruning": False}
 
 
+ZCA_MODELS = {"miconi2021"}  # networks whose paper whitens the input (Miconi 2021)
+
+
 def default_model() -> str:
     """The network ``hebbloss run`` trains when no --model is given."""
     return DEFAULT_MODEL
@@ -66,6 +69,8 @@ def resolve_model(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     if not cfg.get("model"):
         cfg["model"] = DEFAULT_MODEL
         cfg["model_args"] = {**DEFAULT_MODEL_ARGS, **(cfg.get("model_args") or {})}
+    if cfg.get("zca") is None:
+        cfg["zca"] = cfg["model"] in ZCA_MODELS
     return cfg
 
 

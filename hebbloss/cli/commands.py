@@ -17,7 +17,8 @@ import torch
 from .. import __version__, checkpoint
 from . import build, config, report
 from .config import ConfigError
-from .train import TrainState, channel_stats, progress_to_state, run_training, save_checkpoint
+from .preprocess import Preprocess
+from .train import TrainState, progress_to_state, run_training, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
@@ -140,6 +141,7 @@ def train(args, then_probe: bool = False) -> int:
     if saved is not None:
         progress = checkpoint.restore_training_state(saved, built.model, built.plastic, built.optimizer, generator, path=ckpt_path)
         state = progress_to_state(progress)
+    prepare = _preprocess(cfg, ds, saved, ckpt_path)
     start_epoch = state.epoch
     epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
     if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
@@ -147,13 +149,12 @@ def train(args, then_probe: bool = False) -> int:
     # All checks passed: from here on files are written.
     folder.mkdir(parents=True, exist_ok=True)
     config.write(folder / CONFIG, cfg)
-    mean, std = channel_stats(ds.train_images)
     device = cfg.get("device") or "cpu"
     print(f"hebbloss: training {cfg.get('model') or build.default_model()} on {ds.name} "
           f"({len(ds.train_labels)} images) for {epochs} epochs -> {folder}")
-    save = lambda s: save_checkpoint(ckpt_path, built.model, built.plastic, built.optimizer, generator, s, cfg)  # noqa: E731
+    save = lambda s: save_checkpoint(ckpt_path, built.model, built.plastic, built.optimizer, generator, s, cfg, prepare)  # noqa: E731
     summary = run_training(
-        built.model, built.plastic, built.optimizer, ds.train_images, mean, std, epochs=epochs,
+        built.model, built.plastic, built.optimizer, ds.train_images, prepare.to(device), epochs=epochs,
         batch_size=int(cfg.get("batch_size") or built.batch_size), generator=generator, state=state, save=save,
         checkpoint_every=cfg.get("checkpoint_every"), max_steps=cfg.get("max_steps"), after_step=built.after_step,
         device=device, progress=bool(cfg.get("progress", True)),
@@ -171,7 +172,7 @@ def train(args, then_probe: bool = False) -> int:
     print(f"hebbloss: trained {state.global_step} steps in {summary['seconds']:.1f} s; checkpoint {ckpt_path}")
     if then_probe:
         built.plastic.remove()
-        return _probe_and_report(cfg, folder, ds, built.model, built.probe_layers, _first_layer(built), mean, std)
+        return _probe_and_report(cfg, folder, ds, built.model, built.probe_layers, _first_layer(built), prepare.cpu())
     return 0
 
 
@@ -194,6 +195,7 @@ def probe(args) -> int:
         built.plastic.remove()
         checkpoint.check_fits(built.model, saved["model"], "model", ckpt_path)
         built.model.load_state_dict(saved["model"])
+        prepare = _preprocess(cfg, ds, saved, ckpt_path)
         model, probe_layers, first = built.model, built.probe_layers, _first_layer(built)
     else:
         cfg = build.resolve_model(config.merge(flags))
@@ -207,12 +209,12 @@ def probe(args) -> int:
         from ..selection import select_layers
 
         first = select_layers(model, cfg.get("layers"))[0]
+        prepare = _preprocess(cfg, ds)
         folder.mkdir(parents=True, exist_ok=True)
         config.write(folder / CONFIG, cfg)
         report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
                               model={"name": cfg.get("model") or build.default_model(), "trained": False})
-    mean, std = channel_stats(ds.train_images)
-    return _probe_and_report(cfg, folder, ds, model, probe_layers, first, mean, std)
+    return _probe_and_report(cfg, folder, ds, model, probe_layers, first, prepare)
 
 
 # ----------------------------------------------------------------------------------------------- probe + report
@@ -228,14 +230,31 @@ def _accepted(fn, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, mean, std) -> int:
+def _preprocess(cfg, ds, saved=None, path=None) -> Preprocess:
+    """The run's input preprocessing: from the checkpoint when there is one, else fitted on the training images."""
+    prepare = Preprocess(zca=bool(cfg.get("zca")))
+    if saved is None:
+        return prepare.fit(ds.train_images)
+    if "preprocess" not in saved:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds no input preprocessing; it was not written by `hebbloss train`")
+    try:  # a fresh module: a failed load changes nothing that matters
+        prepare.load_state_dict(saved["preprocess"])
+    except (RuntimeError, KeyError) as e:
+        raise checkpoint.CheckpointError(f"the input preprocessing in {path} does not fit this run's settings ({e})") from None
+    return prepare
+
+
+def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare: Preprocess) -> int:
+    from ..data import ImageDataset
     from ..probe import evaluate
 
     started = time.perf_counter()
-    extra = {"mean": mean.tolist(), "std": std.tolist(), "device": cfg.get("device") or "cpu",
+    seen = ImageDataset(prepare.apply_in_chunks(ds.train_images), ds.train_labels, prepare.apply_in_chunks(ds.test_images),
+                        ds.test_labels, ds.classes, ds.name)  # the inputs exactly as the network saw them in training
+    extra = {"device": cfg.get("device") or "cpu",
              "seed": int(cfg.get("seed") or 0), "progress": bool(cfg.get("progress", True)),
              "batch_size": int(cfg.get("batch_size") or 256)}
-    result = evaluate(model, ds, probe_layers, method=cfg.get("method") or "ridge", pool=cfg.get("pool") or "quadrants",
+    result = evaluate(model, seen, probe_layers, method=cfg.get("method") or "ridge", pool=cfg.get("pool") or "quadrants",
                       baselines=tuple(cfg.get("baselines") or ()), **_accepted(evaluate, extra))
     seconds = time.perf_counter() - started
     print(result.table())

@@ -18,7 +18,8 @@ DEFAULTS: Dict[str, Any] = {
     "data_dir": None,
     "download": False,
     "cache_dir": None,
-    "limit": None,            # use only the first N training and N test images
+    "limit": None,            # use a random subset of N training and N test images
+    "zca": None,              # ZCA-whiten the input (None: for miconi2021, as in the paper; else per-channel standardisation)
     # model and plasticity
     "model": None,            # None: the small default reference network; or a name, or timm:NAME
     "model_args": {},         # keyword arguments of the model's builder (--model-arg KEY=VALUE)

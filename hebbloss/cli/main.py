@@ -53,6 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", default=S, help="let torchvision download a missing dataset")
     g.add_argument("--cache-dir", dest="cache_dir", default=S, help="where decoded datasets are cached")
     g.add_argument("--limit", type=int, default=S, help="use a random subset of N training and N test images")
+    g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=S,
+                   help="ZCA-whiten the input, fitted on the training images (default: for miconi2021, as in the paper)")
     g.add_argument("--model", default=S, help="reference network name, or timm:NAME for any timm model")
     g.add_argument("--model-arg", dest="model_args", type=_model_arg, action="append", default=S, metavar="KEY=VALUE",
                    help="keyword argument of the model's builder, VALUE in YAML (e.g. channels=[32,64,128]); repeatable")

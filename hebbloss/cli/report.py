@@ -95,13 +95,15 @@ def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path, title: s
         for split, style in (("test", "-"), ("train", "--")):
             ys = [_acc(results[name].get(layer), split) for layer in layers]
             ax.plot(xs, ys, style, marker="o", color=colour, label=f"{label}, {split}")
-    if chance is not None:
+    values = [v for name in names for r in results[name].values() for v in (_acc(r, "train"), _acc(r, "test")) if v == v]
+    low = max(0.0, min(values, default=0.0) - 0.1)  # zoom on the data: differences between layers stay visible
+    if chance is not None and chance >= low:
         ax.axhline(chance, color="black", lw=0.8, ls=":", label="chance")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(layers, rotation=30 if max(map(len, layers), default=0) > 8 else 0, ha="right")
     ax.set_xlabel("layer")
     ax.set_ylabel("linear probe accuracy")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(low, 1.01)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower left", ncol=2)

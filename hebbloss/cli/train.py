@@ -32,24 +32,6 @@ class TrainState:
     epoch_rng: Optional[torch.Tensor] = None  # the order generator's state at the start of the epoch
 
 
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float in [0, 1] -> (x - mean) / std per channel."""
-    x = images.to(device).float().div_(255.0)
-    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-
-
-def channel_stats(images: torch.Tensor) -> tuple:
-    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1] (float64 sums)."""
-    c = images.shape[1]
-    total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for chunk in images.split(1024):  # bounded memory on large datasets
-        x = chunk.double().div_(255.0).transpose(0, 1).reshape(c, -1)
-        total, total_sq, count = total + x.sum(1), total_sq + x.pow(2).sum(1), count + x.shape[1]
-    mean = total / count
-    var = (total_sq / count - mean.pow(2)).clamp_min(0) * count / max(count - 1, 1)
-    return mean.float(), var.sqrt().clamp_min(1e-6).float()
-
-
 class _StopFlag:
     """Turns the first SIGINT into a request to stop at the next step boundary."""
 
@@ -79,8 +61,7 @@ def run_training(
     plastic,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     *,
     epochs: int,
     batch_size: int,
@@ -93,7 +74,8 @@ def run_training(
     device="cpu",
     progress: bool = True,
 ) -> Dict[str, Any]:
-    """Train ``model`` through the ``plastic`` handle for ``epochs`` epochs from ``state``; ``save(state)``
+    """Train ``model`` through the ``plastic`` handle for ``epochs`` epochs from ``state`` on uint8
+    ``images`` turned into inputs by ``prepare``; ``save(state)``
     is called every ``checkpoint_every`` steps, at the end of every epoch and when stopping early.
 
     Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
@@ -101,7 +83,6 @@ def run_training(
     """
     n = images.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
-    mean, std = mean.to(device), std.to(device)
     losses, started, done_here = [], time.perf_counter(), 0
     model.train()
     with _StopFlag() as stop:
@@ -116,7 +97,7 @@ def run_training(
                        disable=not progress, leave=False, unit="batch")
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
-                model(normalise(images[idx], mean, std, device))
+                model(prepare(images[idx].to(device)))
                 optimizer.zero_grad(set_to_none=True)
                 loss = plastic.loss()
                 loss.backward()
@@ -164,7 +145,8 @@ def progress_to_state(progress: Dict[str, Any]) -> TrainState:
     return TrainState(progress["epoch"], progress["step_in_epoch"], progress["global_step"], progress.get("epoch_rng"))
 
 
-def save_checkpoint(path: Path, model, plastic, optimizer, generator, state: TrainState, config: Dict[str, Any]) -> None:
-    """Atomically write everything ``--resume`` needs to ``path``."""
+def save_checkpoint(path: Path, model, plastic, optimizer, generator, state: TrainState, config: Dict[str, Any],
+                    prepare: nn.Module) -> None:
+    """Atomically write everything ``--resume`` needs to ``path`` (the input preprocessing included)."""
     checkpoint.save(path, {**checkpoint.training_state(model, plastic, optimizer, generator, **state_to_progress(state)),
-                           "config": dict(config)})
+                           "config": dict(config), "preprocess": prepare.state_dict()})
