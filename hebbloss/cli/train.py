@@ -94,7 +94,7 @@ def run_training(
             order = torch.randperm(n, generator=generator)
             total, count = 0.0, 0
             bar = tqdm(range(state.step_in_epoch, steps_per_epoch), desc=f"epoch {state.epoch + 1}/{epochs}",
-                       disable=not progress, leave=False, unit="batch")
+                       disable=not progress, leave=False, unit="batch", mininterval=1.0)
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 model(prepare(images[idx].to(device)))
