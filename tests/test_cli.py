@@ -126,7 +126,7 @@ def test_config_file_and_flags(tmp_path):
 
 def test_timm_model_with_rule_post_prune_and_layer_lr(tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "tiny", "--model", "timm:resnet10t", "--layers", "conv1.[036]", "layer1.*conv*",
+    args = ["run", "--dataset", "tiny", "--model", "timm:resnet10t", "--probe-layers", "layer1", "--pool", "global", "--layers", "conv1.[036]", "layer1.*conv*",
             "--rule", "oja", "--post", "kwta:2:0.5", "--prune", "0.5", "--lr", "1e-3", "--layer-lr", "conv1.0=0.01",
             "--epochs", "1", "--batch-size", "24", "--no-progress", "--out", str(out)]
     assert main(args) == 0
@@ -139,6 +139,8 @@ def test_timm_model_with_rule_post_prune_and_layer_lr(tmp_path):
         assert abs(mask.float().mean().item() - 0.5) < 0.05, k
         assert (state["model"][k.replace("_mask", "_orig")] * mask == 0).sum() >= (mask == 0).sum()
     assert any(k.endswith("theta") for k in state["plastic"])
+    rows = json.loads((out / "results.json").read_text())["probe"]["rows"]  # a pruned model has its random twin
+    assert {(r["network"], r["layer"]) for r in rows} == {("model", "layer1"), ("random", "layer1")}
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -149,6 +151,7 @@ def run_failing(argv, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "no-such-data"], "no-such-data"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
     (["--model", "resnet-nonsense"], "--model 'resnet-nonsense' is not known; reference networks: miconi2021"),
     (["--model", "timm:resnet1800"], "timm has no model called 'resnet1800'"),
     (["--layers", "conv9"], "conv9"),

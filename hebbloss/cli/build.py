@@ -143,12 +143,25 @@ def _timm_model(name: str, in_chans: int, image_size, model_args: Mapping[str, A
             raise ConfigError(f"--model timm:{name}: bad --model-arg ({e})") from None
 
 
-def _prune(chosen: Sequence, amount: float) -> None:
-    """Fixed random masks (torch.nn.utils.prune) on every chosen layer after the first (Miconi 2021)."""
+def _prune(chosen: Sequence, amount: float, seed: int) -> None:
+    """Fixed random masks (hebbloss.prune, on torch.nn.utils.prune) on every chosen layer after the first
+    (Miconi 2021); seeded per layer, so a rebuilt model has the same masks."""
+    from .. import prune
+
     if not 0.0 <= amount < 1.0:
         raise ConfigError(f"--prune {amount}: the fraction of connections removed must be in [0, 1)")
-    for _, module in list(chosen)[1:]:
-        torch.nn.utils.prune.random_unstructured(module, "weight", amount)
+    for i, (_, module) in enumerate(list(chosen)[1:], start=1):
+        prune.random_connections(module, amount, seed=seed * 1000 + i)
+
+
+def detach_pruned_weights(model: nn.Module) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` of pruned layers outside autograd, as
+    torch.nn.utils.prune does in a no-grad forward: after a training step the attribute is a non-leaf
+    tensor, which ``copy.deepcopy`` (the probe's random baseline) refuses."""
+    with torch.no_grad():
+        for module in model.modules():
+            if layer_types._is_pruned(module):
+                module.weight = module.weight_orig * module.weight_mask
 
 
 def _post_with_overrides(chosen, spec):
@@ -173,7 +186,7 @@ def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[
     chosen = select_layers(model, cfg.get("layers"))
     post, overrides = _post_with_overrides(chosen, get("post"))
     if cfg.get("prune"):
-        _prune(chosen, float(cfg["prune"]))
+        _prune(chosen, float(cfg["prune"]), int(cfg.get("seed") or 0))
     plastic = attach(model, rule=get("rule"), post=post, targets=[_exact(n) for n, _ in chosen],
                                 overrides=overrides or None, reduction="mean")
     try:
