@@ -207,6 +207,9 @@ def render_docs(results_path: Path = RESULTS, docs_path: Path = DOCS) -> str:
             "Compare the modes with each other, within one depth.",
             "",
         ]
+    noise = 100 * math.sqrt(0.25 / s["test_images"])
+    lines += [f"One seed; with {s['test_images']} test images an error has a binomial standard deviation of up to "
+              f"{noise:.1f} points, so smaller differences are noise.", ""]
     depths = sorted({r["depth"] for r in data["runs"]})
     head = "| mode | " + " | ".join(f"ResNet-{d} test error % (here)" for d in depths) + \
         " | BioTorch ResNet-20 error % (published) | angle W-B (deg, deepest) | input-grad angle vs BP (deg, deepest) |"
