@@ -113,9 +113,11 @@ def random_channel_pairs(module: nn.Module, amount: float, seed: Optional[int] =
 @torch.no_grad()
 def renormalize_filters(module: nn.Module, norm: float = 1.0, eps: float = 1e-10) -> nn.Module:
     """Rescale each output unit's effective weight to L2 norm ``norm`` (Miconi 2021's unit-norm
-    filters); pruned entries stay zero. Returns the module."""
+    filters); pruned entries stay zero, and a unit whose every connection is pruned (norm 0) is left
+    as it is. Returns the module."""
     param = module.weight_orig if hasattr(module, "weight_mask") and hasattr(module, "weight_orig") else module.weight
-    factor = norm / (units.unit_norms(module) + eps)
+    norms = units.unit_norms(module)
+    factor = torch.where(norms > eps, norm / norms.clamp_min(eps), torch.ones_like(norms))
     param.mul_(units.per_unit(module, factor))
     return module
 

@@ -232,3 +232,22 @@ def test_ridge_solve_many_matches_reference():
     for alpha, sol in zip(alphas, acc.solve_many(alphas)):
         w, b = ref_ridge(x, labels, 3, alpha)
         assert np.allclose(sol.weight.numpy(), w, atol=1e-8) and np.allclose(sol.bias.numpy(), b, atol=1e-8)
+
+
+def test_random_copy_of_a_trained_pruned_model_redraws_weight_orig_and_keeps_masks():
+    import hebbloss
+    from hebbloss import prune
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3))
+    prune.random_connections(net[2], 0.5, seed=1)
+    plastic = hebbloss.attach(net, rule="oja", targets=nn.Conv2d)
+    net(torch.randn(2, 1, 8, 8))  # a training forward: net[2].weight is now a non-leaf tensor
+    plastic.loss()
+    plastic.remove()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    copy = random_copy(net, seed=3)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the original is untouched
+    assert torch.equal(copy[2].weight_mask, net[2].weight_mask)
+    assert not torch.equal(copy[2].weight_orig, net[2].weight_orig)
+    assert torch.equal(copy[2].weight, copy[2].weight_orig * copy[2].weight_mask)
+    assert torch.equal(copy(torch.ones(1, 1, 8, 8)), copy(torch.ones(1, 1, 8, 8)))

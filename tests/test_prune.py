@@ -124,3 +124,16 @@ def test_missing_parameter_named():
         prune.random_connections(nn.Conv2d(2, 3, 3), 0.5, name="kernel")
     with pytest.raises(ValueError, match="channel pairs need"):
         prune.random_channel_pairs(nn.Conv2d(2, 3, 3), 0.5, name="bias")
+
+
+def test_renormalize_leaves_a_fully_pruned_filter_at_zero_and_finite():
+    conv = nn.Conv2d(2, 3, 3)
+    torch.nn.utils.prune.custom_from_mask(conv, "weight", torch.ones_like(conv.weight))
+    conv.weight_mask[1].zero_()  # unit 1 lost every connection
+    for _ in range(5):  # the old 1/eps factor (1e10 per step) overflowed float32 here
+        hebbloss.prune.renormalize_filters(conv)
+    w = (conv.weight_orig * conv.weight_mask).detach().double()
+    norms = w.flatten(1).norm(dim=1)
+    assert torch.isfinite(conv.weight_orig).all()
+    assert norms[1] == 0
+    assert torch.allclose(norms[[0, 2]], torch.ones(2, dtype=torch.float64), atol=1e-6)

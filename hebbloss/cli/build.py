@@ -154,16 +154,6 @@ def _prune(chosen: Sequence, amount: float, seed: int) -> None:
         prune.random_connections(module, amount, seed=seed * 1000 + i)
 
 
-def detach_pruned_weights(model: nn.Module) -> None:
-    """Recompute ``weight = weight_orig * weight_mask`` of pruned layers outside autograd, as
-    torch.nn.utils.prune does in a no-grad forward: after a training step the attribute is a non-leaf
-    tensor, which ``copy.deepcopy`` (the probe's random baseline) refuses."""
-    with torch.no_grad():
-        for module in model.modules():
-            if layer_types._is_pruned(module):
-                module.weight = module.weight_orig * module.weight_mask
-
-
 def _post_with_overrides(chosen, spec):
     """attach(post=..., overrides=...) so that Linear outputs use their last dimension as channels."""
     post = parse_post(spec, channel_dim=1)

@@ -248,7 +248,6 @@ def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare
     from ..data import ImageDataset
     from ..probe import evaluate
 
-    build.detach_pruned_weights(model)
     started = time.perf_counter()
     seen = ImageDataset(prepare.apply_in_chunks(ds.train_images), ds.train_labels, prepare.apply_in_chunks(ds.test_images),
                         ds.test_labels, ds.classes, ds.name)  # the inputs exactly as the network saw them in training

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import layers
+
 from ..data.batching import batches
 from .features import model_device
 
@@ -25,8 +27,12 @@ def _strip_hebbloss_hooks(model: nn.Module) -> None:
 def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     """A deep copy of ``model`` with ``reset_parameters()`` called on every submodule that has it
     (weights re-drawn from their default init, BatchNorm statistics reset); the global RNG is untouched.
-    Parameters outside such submodules (e.g. a ViT's position embedding) keep the model's values."""
-    net = copy.deepcopy(model)
+    Parameters outside such submodules (e.g. a ViT's position embedding) keep the model's values.
+    Layers pruned by torch.nn.utils.prune keep their masks and get a re-drawn ``weight_orig``."""
+    pruned = [m for m in model.modules() if layers._is_pruned(m)]
+    # after a training forward, a pruned layer's ``weight`` is a non-leaf tensor that deepcopy refuses
+    memo = {id(m.weight): m.weight.detach().clone() for m in pruned}
+    net = copy.deepcopy(model, memo)
     _strip_hebbloss_hooks(net)
     device = model_device(net)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -35,6 +41,9 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
             for m in net.modules():
                 if callable(getattr(m, "reset_parameters", None)):
                     m.reset_parameters()
+                    if layers._is_pruned(m):  # reset_parameters re-drew ``weight``; the layer computes with weight_orig
+                        m.weight_orig.copy_(m.weight)
+                        m.weight = m.weight_orig * m.weight_mask
     return net
 
 
