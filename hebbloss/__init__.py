@@ -1,8 +1,19 @@
-"""hebbloss: local learning rules as losses for any PyTorch model (Miconi 2021)."""
-from . import layers, rules
+"""hebbloss: local learning rules as losses for any PyTorch model (Miconi 2021).
+
+The core: :func:`surrogate_loss` (one layer), :func:`attach` (any model), :mod:`rules`.
+Around it, as submodules: :mod:`competition` (KWTA, SoftWTA, Triangle), :mod:`prune`, :mod:`zca`,
+:mod:`softhebb` (the paper's optimizer extras), :mod:`models` (the papers' networks),
+:mod:`data`, :mod:`probe` (layerwise linear probes), :mod:`feedback` (no weight symmetry).
+"""
+from . import competition, data, feedback, layers, models, probe, prune, rules, softhebb, zca
 from .attach import Plasticity, attach
+from .competition import KWTA, SoftWTA, Triangle
 from .selection import select_layers
 from .surrogate import surrogate_loss
+from .zca import ZCA
 
-__all__ = ["Plasticity", "attach", "layers", "rules", "select_layers", "surrogate_loss"]
+__all__ = [
+    "KWTA", "Plasticity", "SoftWTA", "Triangle", "ZCA", "attach", "competition", "data", "feedback",
+    "layers", "models", "probe", "prune", "rules", "select_layers", "softhebb", "surrogate_loss", "zca",
+]
 __version__ = "0.1.0"

@@ -30,25 +30,41 @@ def _weight_and_type(layer: Union[nn.Module, torch.Tensor]):
     return layer.weight, layer.bias, kind, layers.groups_of(layer)
 
 
-class _UnitDecay(torch.autograd.Function):
-    """1/2 * sum_c S_c * ||W_c||^2 with backward S_c * W_c in one pass (no W**2 temporary).
+class _Surrogate(torch.autograd.Function):
+    """scale * (-<y, z> + 1/2 * sum_c S_c (||W_c||^2 + b_c^2)) as one autograd node.
 
-    Forward takes each unit's squared norm with one fused reduction; backward scales W by the
-    per-unit coefficient. Equal to autograd of the plain expression, with fewer passes over W.
+    Its backward is written out: -scale*y for the output (which autograd passes on through the
+    layer's own backward, giving sum y x_patch) and scale*S_c*W_c, scale*S_c*b_c for the decay.
+    This equals autograd of the plain expression (the property tests check it in float64) and
+    saves the graph nodes and temporaries of that expression: one node per layer per forward.
     """
 
     @staticmethod
-    def forward(ctx, weight, decay, kind, groups):
-        units = kind.unit_weights(weight, groups)
-        norm_sq = torch.linalg.vector_norm(units, dim=1).square()
-        ctx.save_for_backward(weight, decay)
-        ctx.kind, ctx.groups = kind, groups
-        return 0.5 * torch.dot(decay, norm_sq)
+    def forward(ctx, output, post, weight, bias, decay, kind, groups, scale):
+        value = -torch.dot(post.reshape(-1), output.reshape(-1))
+        if decay is not None:
+            norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square()
+            if bias is not None:
+                norm_sq = norm_sq + bias * bias
+            value = value + 0.5 * torch.dot(decay, norm_sq)
+        ctx.save_for_backward(post, weight, bias, decay)
+        ctx.kind, ctx.groups, ctx.scale = kind, groups, scale
+        return value * scale
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        weight, decay = ctx.saved_tensors
-        return weight * ctx.kind.per_unit(decay * grad, weight, ctx.groups), None, None, None
+        post, weight, bias, decay = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grad_output = post * -grad if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if decay is not None:
+            coefficient = decay * grad
+            if ctx.needs_input_grad[2]:
+                grad_weight = weight * ctx.kind.per_unit(coefficient, weight, ctx.groups)
+            if bias is not None and ctx.needs_input_grad[3]:
+                grad_bias = bias * coefficient
+        return grad_output, None, grad_weight, grad_bias, None, None, None, None
 
 
 def surrogate_loss(
@@ -76,15 +92,14 @@ def surrogate_loss(
         raise ValueError(f"post has shape {tuple(post.shape)} but the layer's output has shape {tuple(output.shape)}")
     weight, bias, kind, groups = _weight_and_type(layer)
     post = post.detach()
-    loss = -torch.dot(post.reshape(-1), output.reshape(-1))
+    cdim = kind.channel_dim(output)
     density = rule.decay(post, output.detach())
-    if density is not None:
-        cdim = kind.channel_dim(output)
+    if density is None:
+        decay = weight = bias = None  # plain Hebb: the decay term is 0 and needs no weight
+    else:
         dims = [d for d in range(output.dim()) if d != cdim]
         decay = (density.sum(dim=dims) if dims else density).to(weight.dtype)
-        loss = loss + _UnitDecay.apply(weight, decay, kind, groups)
-        if bias is not None:
-            loss = loss + 0.5 * torch.dot(decay, bias * bias)
+    scale = 1.0
     if reduction == "mean":
-        loss = loss / max(1, output.numel() // output.shape[kind.channel_dim(output)])
-    return loss
+        scale = 1.0 / max(1, output.numel() // output.shape[cdim])
+    return _Surrogate.apply(output, post, weight, bias, decay, kind, groups, scale)
