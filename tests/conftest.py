@@ -24,6 +24,15 @@ def shared_datasets():
     return SHARED_DATASETS
 
 
+@pytest.fixture
+def float64_default():
+    """torch's default dtype set to float64 for the test (references are float64), then restored."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,13 +13,7 @@ from hebbloss import feedback as fb
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """The references below are float64; restore the default afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # the references below are float64
 
 
 def _grads_through(module, x, weight_for_input, readout):

@@ -10,12 +10,7 @@ from torch import nn
 from hebbloss import feedback as fb
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # the references below are float64
 
 
 # --- Amit's last-layer cost -------------------------------------------------------------------
