@@ -49,7 +49,39 @@ def step_time_section(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = {"step_time": step_time_section}
+def pipeline_section(record: dict) -> str:
+    lines = [
+        "## The whole pipeline: `hebbloss run`",
+        "",
+        f"Produced by `python benchmarks/pipeline.py`: the installed command in a subprocess on "
+        f"{record['cpu_count']} CPU cores, torch {record['torch']}. Target for the default run (no arguments): "
+        f"under {record['target_default_seconds']} s.",
+        "",
+    ]
+    for label, run in record["runs"].items():
+        ds = run.get("dataset") or {}
+        flags = " ".join(run["args"]) or "(no arguments)"
+        lines += [
+            f"### {label}: `hebbloss run {flags}`",
+            "",
+            f"Wall time {run['wall_seconds']:.0f} s; model {run.get('model')}; dataset {ds.get('name')} "
+            f"({ds.get('train')} train / {ds.get('test')} test images). Linear-probe test accuracy per layer:",
+            "",
+        ]
+        rows = run["probe"].get("rows", [])
+        networks = list(dict.fromkeys(r["network"] for r in rows))
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        cell = {(r["network"], r["layer"]): r for r in rows}
+        lines.append("| layer | " + " | ".join(networks) + " |")
+        lines.append("|---|" + "---|" * len(networks))
+        for layer in layers:
+            lines.append(f"| {layer} | " + " | ".join(
+                f"{100 * cell[(n, layer)]['test_acc']:.1f}%" if (n, layer) in cell else "" for n in networks) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+SECTIONS = {"step_time": step_time_section, "pipeline": pipeline_section}
 
 
 def render() -> str:
