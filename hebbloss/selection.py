@@ -47,6 +47,15 @@ def _matches(target: Target, name: str, module: nn.Module) -> bool:
     raise TypeError(f"a target must be a string, a type or a callable(name, module), got {target!r}")
 
 
+BYPASSED = ("its parent nn.MultiheadAttention uses this layer's weight in its own functional forward, so the "
+            "layer's forward, and any hook on it, never runs")
+
+
+def _bypassed_modules(model: nn.Module) -> set:
+    """ids of layers whose parent computes with their weight without calling them (nn.MultiheadAttention.out_proj)."""
+    return {id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.children()}
+
+
 def select_layers(
     model: nn.Module,
     targets: Targets = None,
@@ -72,7 +81,8 @@ def select_layers(
                 f"{purpose} are: {', '.join(have) or 'none'}. A string matches a qualified name exactly, "
                 "as a suffix after '.', as a glob or as a regular expression."
             )
-    refused = [(n, supported(m)) for n, m in chosen]
+    bypassed = _bypassed_modules(model)
+    refused = [(n, BYPASSED if id(m) in bypassed else supported(m)) for n, m in chosen]
     refused = [(n, r) for n, r in refused if r is not None]
     if refused:
         lines = "\n".join(f"  - {n or '(model)'}: {r}" for n, r in refused)

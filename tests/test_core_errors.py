@@ -280,3 +280,14 @@ def test_a_failing_forward_leaves_no_records_of_earlier_layers():
     with pytest.raises(RuntimeError, match="no forward pass"):
         plastic.loss()
     plastic.remove()
+
+
+def test_multihead_attention_out_proj_is_refused_because_its_forward_never_runs():
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    with pytest.raises(ValueError, match=r"self_attn\.out_proj: its parent nn\.MultiheadAttention"):
+        hebbloss.attach(layer, rule="oja")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+    plastic = hebbloss.attach(layer, rule="oja", targets=["linear1", "linear2"])
+    layer(torch.randn(2, 3, 8))
+    assert set(plastic.layers) == {"linear1", "linear2"} and plastic.loss().requires_grad
+    plastic.remove()
