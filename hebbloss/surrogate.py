@@ -9,7 +9,7 @@ so one optimizer step on L is one step of the rule, computed by the framework's 
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn

@@ -1,12 +1,10 @@
 """The docs site builds with `mkdocs build --strict` (broken links, anchors, nav entries or API
 references fail), and the tutorial's code runs as written."""
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

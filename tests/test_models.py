@@ -1,6 +1,5 @@
 """Reference networks (Miconi 2021; Journe et al. 2023): architecture as published, recipe usable
 through attach + a stock optimizer, bit-for-bit reproducible training, exact save/load."""
-import copy
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """ZCA whitening (Miconi 2021's preprocessing): fitted once, whitening, saved and reloaded exactly."""
-import io
 
 import pytest
 import torch
