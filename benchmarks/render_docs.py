@@ -60,11 +60,11 @@ def pipeline_section(record: dict) -> str:
     ]
     for label, run in record["runs"].items():
         ds = run.get("dataset") or {}
-        flags = " ".join(run["args"]) or "(no arguments)"
+        flags = " ".join("DIR" if a == run.get("data_dir_arg") else a for a in run["args"]) or "(no arguments)"
         lines += [
-            f"### {label}: `hebbloss run {flags}`",
+            f"### {label}: `hebbloss run{' ' + flags if run['args'] else ''}`" + ("" if run["args"] else " (no arguments)"),
             "",
-            f"Wall time {run['wall_seconds']:.0f} s; model {run.get('model')}; dataset {ds.get('name')} "
+            f"Wall time {run['wall_seconds']:.0f} s; model {run.get('model')}; dataset {run.get('dataset_label', ds.get('name'))} "
             f"({ds.get('train')} train / {ds.get('test')} test images). Linear-probe test accuracy per layer:",
             "",
         ]
