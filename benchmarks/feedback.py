@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hebbloss import feedback as fb  # noqa: E402
+
+import atomic  # noqa: E402  (benchmarks/atomic.py)
 
 RESULTS = ROOT / "benchmarks" / "results" / "feedback.json"
 DOCS = ROOT / "docs" / "feedback.md"
@@ -177,15 +177,6 @@ def run_one(mode, depth, data, args, device):
     }
 
 
-def write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def render_docs(results_path: Path = RESULTS, docs_path: Path = DOCS) -> str:
     """Rewrite the generated block of docs/feedback.md from the benchmark JSON; returns the block."""
     data = json.loads(results_path.read_text())
@@ -234,10 +225,7 @@ def render_docs(results_path: Path = RESULTS, docs_path: Path = DOCS) -> str:
     if BEGIN not in text or END not in text:
         raise ValueError(f"{docs_path} lacks the markers {BEGIN!r} ... {END!r} around the generated table")
     new = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    fd, tmp = tempfile.mkstemp(dir=docs_path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, docs_path)
+    atomic.write_text(docs_path, new)
     return block
 
 
@@ -282,7 +270,7 @@ def main(argv=None):
             print(f"ResNet-{depth} {mode:5s} test error {r['test_error']:5.1f}% (BioTorch ResNet-20: "
                   f"{ref if ref is not None else 'n/a'}) angle W-B {r['weight_feedback_angle_mean']:5.1f} "
                   f"input-grad angle {r['input_grad_angle_mean']:5.1f}  {r['seconds']:.0f}s", flush=True)
-            write_json(args.out, payload)  # after every run, so a cut-off run keeps what it finished
+            atomic.write_json(args.out, payload)  # after every run, so a cut-off run keeps what it finished
     bp = {r["depth"]: r["test_error"] for r in payload["runs"] if r["mode"] == "bp"}
     for r in payload["runs"]:
         if r["depth"] in bp and r["mode"] != "bp":

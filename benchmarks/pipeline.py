@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+import atomic  # benchmarks/atomic.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pipeline.json"
 
@@ -67,10 +69,7 @@ def main(argv=None):
         "torch": torch.__version__, "python": platform.python_version(), "target_default_seconds": 300,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic.write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+import atomic  # benchmarks/atomic.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -95,9 +96,7 @@ def render() -> str:
 
 
 def main():
-    tmp = DOC.with_suffix(".tmp")
-    tmp.write_text(render())
-    os.replace(tmp, DOC)
+    atomic.write_text(DOC, render())
     print(f"wrote {DOC}")
 
 

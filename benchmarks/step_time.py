@@ -15,8 +15,6 @@ Targets (issue 2): Hebbian <= 0.85 x backprop, Hebbian <= 1.05 x hand-written.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -29,6 +27,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hebbloss  # noqa: E402
+
+import atomic  # noqa: E402  (benchmarks/atomic.py)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 LR = 1e-9  # small enough that Oja stays stable (lr * S_c << 2) for any number of timed steps
@@ -174,10 +174,7 @@ def main(argv=None):
         "targets": {"hebbian_over_backprop": 0.85, "hebbian_over_hand_written": 1.05},
         "models": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic.write_json(args.out, record)
     print(f"wrote {args.out}")
 
 
