@@ -170,7 +170,7 @@ def _copy_post(post: Post, module: nn.Module) -> Post:
         return post
     post = copy.deepcopy(post)
     if hasattr(post, "bind"):
-        post.bind(layers.layer_type_of(module).num_units(module.weight if not layers._is_pruned(module) else module.weight_orig, layers.groups_of(module)))
+        post.bind(layers.layer_type_of(module).num_units(layers.plastic_weight(module), layers.groups_of(module)))
     return post
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.hooks import RemovableHandle
 
-from . import units
+from . import layers, units
 
 
 def _random_scores(shape, seed: Optional[int]) -> torch.Tensor:
@@ -115,7 +115,7 @@ def renormalize_filters(module: nn.Module, norm: float = 1.0, eps: float = 1e-10
     """Rescale each output unit's effective weight to L2 norm ``norm`` (Miconi 2021's unit-norm
     filters); pruned entries stay zero, and a unit whose every connection is pruned (norm 0) is left
     as it is. Returns the module."""
-    param = module.weight_orig if hasattr(module, "weight_mask") and hasattr(module, "weight_orig") else module.weight
+    param = layers.plastic_weight(module)
     norms = units.unit_norms(module)
     factor = torch.where(norms > eps, norm / norms.clamp_min(eps), torch.ones_like(norms))
     param.mul_(units.per_unit(module, factor))

@@ -119,7 +119,7 @@ def init_radius(module: nn.Module, radius: float = 25.0, generator: Optional[tor
     zeroed. Returns the module."""
     if not (float(radius) > 0 and math.isfinite(radius)):
         raise ValueError(f"init_radius: radius must be a finite number > 0, got {radius!r}")
-    weight = module.weight_orig if layers._is_pruned(module) else module.weight
+    weight = layers.plastic_weight(module)
     kind = layers.layer_type_of(module)
     fan_in = kind.unit_weights(weight, layers.groups_of(module)).shape[1]
     noise = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)

@@ -122,9 +122,14 @@ def groups_of(module: nn.Module) -> int:
     return getattr(module, "groups", 1)
 
 
+def plastic_weight(module: nn.Module) -> nn.Parameter:
+    """The weight Parameter a rule updates: ``weight_orig`` when pruned, else ``weight``."""
+    return module.weight_orig if _is_pruned(module) else module.weight
+
+
 def plastic_parameters(module: nn.Module) -> Tuple[nn.Parameter, ...]:
-    """The parameters a rule updates: weight (``weight_orig`` when pruned) and bias."""
-    weight = module.weight_orig if _is_pruned(module) else module.weight
+    """The parameters a rule updates: :func:`plastic_weight` and the bias."""
+    weight = plastic_weight(module)
     return (weight,) if module.bias is None else (weight, module.bias)
 
 
