@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from ..checkpoint import atomic_file
 from .dataset import ImageDataset
 
 FORMAT = 1  # bump when the cached layout changes
@@ -29,8 +29,7 @@ def cache_path(root: Path, name: str, source: str) -> Path:
 
 
 def save(dataset: ImageDataset, path: Path) -> None:
-    """Write ``dataset`` to ``path`` through a temporary file and os.replace (never a half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``dataset`` to ``path`` atomically (:func:`hebbloss.checkpoint.atomic_file`: never a half-written cache)."""
     payload = {
         "format": FORMAT,
         "name": dataset.name,
@@ -40,15 +39,8 @@ def save(dataset: ImageDataset, path: Path) -> None:
         "test_images": dataset.test_images.contiguous(),
         "test_labels": dataset.test_labels.contiguous(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def load(path: Path) -> Optional[ImageDataset]:
