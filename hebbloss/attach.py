@@ -23,7 +23,7 @@ from torch import nn
 from . import layers, rules
 from .hooks import HookOwner
 from .selection import Targets, name_matches, select_layers
-from .surrogate import surrogate_loss
+from .surrogate import surrogate_term
 
 _PLASTIC_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -54,6 +54,7 @@ class Plasticity(nn.Module):
         self.posts = nn.ModuleDict({_post_key(n): p for n, p in post_of.items() if isinstance(p, nn.Module)})
         self._post_fns: Dict[str, Post] = post_of
         self.records: Dict[str, List[Record]] = {n: [] for n in self.layers}
+        self._kinds = {n: (layers.layer_type_of(m), layers.groups_of(m)) for n, m in self.layers.items()}
         self._hooks = HookOwner()
         self._model_name = type(model).__name__
         self._forward_start: Optional[Dict[str, int]] = None
@@ -103,7 +104,8 @@ class Plasticity(nn.Module):
         local = output
         if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-        loss = surrogate_loss(module, local, post, self.rules[name], self.reduction)
+        kind, groups = self._kinds[name]
+        loss = surrogate_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
         return Record(output, post, loss)
 
     def loss(self) -> torch.Tensor:

@@ -41,22 +41,23 @@ class _Surrogate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output, post, weight, bias, decay, kind, groups, scale):
-        value = -torch.dot(post.reshape(-1), output.reshape(-1))
+        value = torch.dot(post.reshape(-1), output.reshape(-1)).neg_()
         if decay is not None:
-            norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square()
+            norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
             if bias is not None:
-                norm_sq = norm_sq + bias * bias
-            value = value + 0.5 * torch.dot(decay, norm_sq)
+                norm_sq.addcmul_(bias, bias)
+            value.add_(torch.dot(decay, norm_sq), alpha=0.5)
         ctx.save_for_backward(post, weight, bias, decay)
         ctx.kind, ctx.groups, ctx.scale = kind, groups, scale
-        return value * scale
+        return value.mul_(scale) if scale != 1.0 else value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         post, weight, bias, decay = ctx.saved_tensors
-        grad = grad * ctx.scale
-        grad_output = post * -grad if ctx.needs_input_grad[0] else None
+        if ctx.scale != 1.0:
+            grad = grad * ctx.scale
+        grad_output = post * grad.neg() if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
         if decay is not None:
             coefficient = decay * grad
@@ -91,6 +92,12 @@ def surrogate_loss(
     if post.shape != output.shape:
         raise ValueError(f"post has shape {tuple(post.shape)} but the layer's output has shape {tuple(output.shape)}")
     weight, bias, kind, groups = _weight_and_type(layer)
+    return surrogate_term(weight, bias, kind, groups, output, post, rule, reduction)
+
+
+def surrogate_term(weight, bias, kind, groups, output, post, rule, reduction) -> torch.Tensor:
+    """:func:`surrogate_loss` for a layer already resolved and arguments already checked (the hot path
+    of :func:`hebbloss.attach`, which resolves each layer once when attaching)."""
     post = post.detach()
     cdim = kind.channel_dim(output)
     density = rule.decay(post, output.detach())
