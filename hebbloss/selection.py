@@ -60,7 +60,7 @@ def select_layers(
     model: nn.Module,
     targets: Targets = None,
     supported: Callable[[nn.Module], Optional[str]] = layers._reason_unsupported,
-    purpose: str = "plastic",
+    purpose: str = "made plastic",
 ) -> List[Tuple[str, nn.Module]]:
     """The (name, module) pairs of ``model`` chosen by ``targets``, in model order.
 
@@ -87,9 +87,9 @@ def select_layers(
     if refused:
         lines = "\n".join(f"  - {n or '(model)'}: {r}" for n, r in refused)
         raise ValueError(
-            f"these layers of {type(model).__name__} cannot be made {purpose}:\n{lines}\n"
+            f"these layers of {type(model).__name__} cannot be {purpose}:\n{lines}\n"
             "Leave them out with targets=... (a list of names, globs, regexes, types or a predicate)."
         )
     if not chosen:
-        raise ValueError(f"{type(model).__name__} has no layer that can be made {purpose} (supported: Linear, Conv*d, ConvTranspose*d)")
+        raise ValueError(f"{type(model).__name__} has no layer that can be {purpose} (supported: Linear, Conv*d, ConvTranspose*d)")
     return chosen

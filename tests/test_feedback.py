@@ -1,5 +1,6 @@
 """hebbloss.feedback.convert: gradients against plain float64 autograd references, modes, errors."""
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -43,6 +44,11 @@ CASES = {
     "conv2d-unbatched": (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 5, 5)),
     "conv3d": (lambda: nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1, groups=2), (2, 2, 4, 5, 4)),
     "conv2dsame-timm": (lambda: Conv2dSame(3, 4, 3, stride=2), (2, 3, 7, 8)),
+    "convT1d-groups-outpad": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+                              (2, 4, 5)),
+    "convT2d-dilated": (lambda: nn.ConvTranspose2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                        (2, 3, 5, 4)),
+    "convT3d-unbatched": (lambda: nn.ConvTranspose3d(2, 3, 2, stride=2, bias=False), (2, 3, 3, 3)),
 }
 
 
@@ -72,10 +78,14 @@ def test_input_gradient_uses_feedback_and_weight_gradient_is_backprops(case, mod
 
 @given(
     dims=st.integers(1, 3), groups=st.sampled_from([1, 2]), stride=st.integers(1, 2), padding=st.integers(0, 2),
-    dilation=st.integers(1, 2), kernel=st.integers(1, 3), bias=st.booleans(),
+    dilation=st.integers(1, 2), kernel=st.integers(1, 3), bias=st.booleans(), transposed=st.booleans(),
 )
-def test_conv_input_gradient_property(dims, groups, stride, padding, dilation, kernel, bias):
-    conv = getattr(nn, f"Conv{dims}d")(2 * groups, 3 * groups, kernel, stride, padding, dilation, groups, bias)
+def test_conv_input_gradient_property(dims, groups, stride, padding, dilation, kernel, bias, transposed):
+    if transposed:
+        conv = getattr(nn, f"ConvTranspose{dims}d")(2 * groups, 3 * groups, kernel, stride, padding,
+                                                     groups=groups, bias=bias, dilation=dilation)
+    else:
+        conv = getattr(nn, f"Conv{dims}d")(2 * groups, 3 * groups, kernel, stride, padding, dilation, groups, bias)
     plain = copy.deepcopy(conv)
     handle = fb.convert(conv, "fa")
     x = torch.randn(2, 2 * groups, *([7] * dims), requires_grad=True)
@@ -86,6 +96,27 @@ def test_conv_input_gradient_property(dims, groups, stride, padding, dilation, k
     torch.testing.assert_close(x.grad, ref_x)
     torch.testing.assert_close(conv.weight.grad, ref_w)
     handle.remove()
+
+
+def test_conv_transpose_called_with_output_size():
+    """output_size changes the call's output_padding; the feedback backward must follow it."""
+    layer = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1)
+    plain = copy.deepcopy(layer)
+    handle = fb.convert(layer, "fa")
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    out = layer(x, output_size=[8, 10])  # output_padding (1, 1), against (0, 0) without output_size
+    assert out.shape[-2:] == (8, 10)
+    readout = torch.randn_like(out)
+    (out * readout).sum().backward()
+    ref = copy.deepcopy(plain)
+    with torch.no_grad():
+        ref.weight.copy_(handle.feedback_weight(""))
+    xi = x.detach().clone().requires_grad_(True)
+    (ref(xi, output_size=[8, 10]) * readout).sum().backward()
+    (plain(x.detach(), output_size=[8, 10]) * readout).sum().backward()
+    torch.testing.assert_close(x.grad, xi.grad)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
 
 
 def _net():
@@ -236,14 +267,16 @@ def test_bad_input_gives_clear_errors_and_changes_nothing():
         fb.convert(model, "fa", targets="nonexistent")
     _unchanged(model, keys)
 
-    mixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 3, 3), StdConv2d(3, 4, 3))
+    normed = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 3, 3))
+    mixed = nn.Sequential(OrderedDict(plain=nn.Conv2d(3, 4, 3), normed=normed, std=StdConv2d(3, 4, 3)))
     keys = list(mixed.state_dict())
-    with pytest.raises(ValueError, match="(?s)1: ConvTranspose2d cannot be converted.*2: StdConv2d overrides forward"):
+    with pytest.raises(ValueError, match="(?s)cannot be converted to feedback learning:.*normed: ParametrizedConv2d "
+                                         "has a parametrized weight.*std: StdConv2d overrides forward"):
         fb.convert(mixed, "fa")
     _unchanged(mixed, keys)
-    h = fb.convert(mixed, "fa", targets="0")
+    h = fb.convert(mixed, "fa", targets="plain")
     with pytest.raises(ValueError, match="already converted"):
-        fb.convert(mixed, "usf", targets="0")
+        fb.convert(mixed, "usf", targets="plain")
     h.remove()
     with pytest.raises(ValueError, match="no layer that can be converted"):
         fb.convert(nn.ReLU(), "fa")

@@ -1,6 +1,7 @@
 """The two halves of a layer's backward pass, as pure functions of the error delta = dL/dz.
 
-For z = W * x + b (Linear, or a convolution with any stride, padding, dilation and groups):
+For z = W * x + b (Linear, or a convolution or transposed convolution with any stride, padding,
+dilation and groups):
 - the input gradient is the transposed operator applied to delta, here with any weight B in
   place of W (B = W is backprop; B != W is feedback alignment, Lillicrap et al. 2016);
 - the weight gradient is delta * x^T (Hebbian in delta and x; Amit 2019 gives B the same one).
@@ -39,6 +40,8 @@ class ConvGeometry:
     """How an N-d convolution maps its input: optional explicit padding (F.pad order), then a conv.
 
     pads is None when the padding is symmetric zeros, passed to the convolution as ``padding``.
+    A transposed convolution (weight [in, out/groups, ...]) has no explicit padding; its
+    output_padding is the one of the call (it depends on ``output_size`` when that is given).
     """
 
     dims: int
@@ -48,12 +51,18 @@ class ConvGeometry:
     groups: int
     pads: Optional[Tuple[int, ...]] = None
     mode: str = "constant"
+    transposed: bool = False
+    output_padding: Tuple[int, ...] = ()
 
 
-def conv_geometry(module: nn.Module, x: torch.Tensor) -> ConvGeometry:
-    """The geometry ``module`` (nn.Conv1d/2d/3d or timm's Conv2dSame) uses on input ``x``."""
+def conv_geometry(module: nn.Module, x: torch.Tensor, output: Optional[torch.Tensor] = None) -> ConvGeometry:
+    """The geometry ``module`` (nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or timm's Conv2dSame) uses
+    on input ``x``; a transposed convolution also needs the ``output`` of that call."""
     dims = len(module.kernel_size)
     common = dict(dims=dims, stride=tuple(module.stride), dilation=tuple(module.dilation), groups=module.groups)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return ConvGeometry(padding=tuple(module.padding), transposed=True,
+                            output_padding=_output_padding(module, x, output), **common)
     if Conv2dSame is not None and isinstance(module, Conv2dSame):
         pads = pad_same_arg(list(x.shape[-2:]), list(module.weight.shape[-2:]), module.stride, module.dilation)
         return _symmetric_or_explicit(pads, "constant", common)
@@ -73,6 +82,18 @@ def _symmetric_or_explicit(pads: Sequence[int], mode: str, common: dict) -> Conv
     return ConvGeometry(padding=(0,) * common["dims"], pads=tuple(pads), mode=mode, **common)
 
 
+def _output_padding(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> Tuple[int, ...]:
+    """The output_padding that gave ``output`` from ``x``: out = (in-1)s - 2p + d(k-1) + 1 + output_padding."""
+    if output is None:
+        raise ValueError(f"{type(module).__name__} is a transposed convolution: pass its output to conv_geometry")
+    dims = len(module.kernel_size)
+    return tuple(
+        int(o - ((i - 1) * s - 2 * p + d * (k - 1) + 1))
+        for i, o, s, p, d, k in zip(x.shape[-dims:], output.shape[-dims:], module.stride, module.padding,
+                                    module.dilation, module.kernel_size)
+    )
+
+
 def _batched(t: torch.Tensor, dims: int) -> torch.Tensor:
     return t if t.dim() == dims + 2 else t.unsqueeze(0)
 
@@ -86,13 +107,14 @@ def _padded_shape(shape: torch.Size, pads: Sequence[int]) -> List[int]:
 
 def _conv_backward(delta, x, weight, geom: ConvGeometry, mask):
     return torch.ops.aten.convolution_backward(
-        delta, x, weight, None, geom.stride, geom.padding, geom.dilation, False,
-        [0] * geom.dims, geom.groups, mask,
+        delta, x, weight, None, geom.stride, geom.padding, geom.dilation, geom.transposed,
+        list(geom.output_padding) or [0] * geom.dims, geom.groups, mask,
     )
 
 
 def conv_input_grad(delta: torch.Tensor, x: torch.Tensor, feedback: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """The transposed convolution of delta with B (then the adjoint of the input padding)."""
+    """The adjoint of the convolution applied to delta with B in place of W (then the adjoint of the
+    input padding): a transposed convolution for a convolution, a convolution for a transposed one."""
     unbatched = x.dim() == geom.dims + 1
     xb, db = _batched(x, geom.dims), _batched(delta, geom.dims)
     fb = feedback.to(delta.dtype)

@@ -37,8 +37,9 @@ from . import adjoint, modes
 from .locally_connected import LocallyConnected2d, LocalAdjoint
 
 _CONVERTED: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED = "Linear, Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups), timm Conv2dSame, LocallyConnected2d"
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SUPPORTED = ("Linear, Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups), ConvTranspose1d/2d/3d, "
+             "timm Conv2dSame, LocallyConnected2d")
 
 
 class _FeedbackGrad(torch.autograd.Function):
@@ -92,11 +93,11 @@ class _Layer:
         self.x: Optional[torch.Tensor] = None
         self.active = True
 
-    def adjoint_for(self, x: torch.Tensor):
+    def adjoint_for(self, x: torch.Tensor, output: torch.Tensor):
         if isinstance(self.module, LocallyConnected2d):
             return LocalAdjoint(self.module)
         if isinstance(self.module, _CONV):
-            return _ConvAdjoint(adjoint.conv_geometry(self.module, x))
+            return _ConvAdjoint(adjoint.conv_geometry(self.module, x, output))
         return _LinearAdjoint
 
     def pre_hook(self, module, args, kwargs):
@@ -126,7 +127,7 @@ class _Layer:
         if not (x.requires_grad or trains_b):
             return None
         weight = module.weight if self.mode.decays else None
-        return _FeedbackGrad.apply(output, x, weight, feedback, self.adjoint_for(x), self.decay)
+        return _FeedbackGrad.apply(output, x, weight, feedback, self.adjoint_for(x, output), self.decay)
 
 
 class Feedback:

@@ -74,7 +74,7 @@ def _reason_unsupported(module: nn.Module) -> Optional[str]:
         if base in _REGISTRY:
             break
     else:
-        return f"{cls.__name__} is not a registered layer type (supported: {', '.join(sorted(c.__name__ for c in _REGISTRY))})"
+        return f"{cls.__name__} is not a registered layer type (supported: {', '.join(sorted({c.__name__ for c in _REGISTRY}))})"
     for method in _FORWARD_METHODS:
         if getattr(cls, method, None) is not getattr(base, method, None):
             return (
@@ -83,10 +83,10 @@ def _reason_unsupported(module: nn.Module) -> Optional[str]:
                 f"hebbloss.layers.register({cls.__name__}, layer_type=...) if its output is W*x + b"
             )
     if torch.nn.utils.parametrize.is_parametrized(module):
-        return f"{cls.__name__} has a parametrized weight (e.g. weight norm); the surrogate gradient would not be the rule's update"
+        return f"{cls.__name__} has a parametrized weight (e.g. weight norm), so its output is not linear in the stored weight"
     if hasattr(module, "weight_g") or hasattr(module, "weight_v"):
         how = "spectral_norm" if hasattr(module, "weight_u") else "weight_norm"
-        return f"{cls.__name__} uses {how}, which derives its weight in forward; the surrogate gradient would not be the rule's update"
+        return f"{cls.__name__} uses {how}, which derives its weight in forward, so its output is not linear in the stored weight"
     if not isinstance(getattr(module, "weight", None), nn.Parameter) and not _is_pruned(module):
         return f"{cls.__name__} has no weight Parameter (lazy or derived weight)"
     return None
