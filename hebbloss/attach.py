@@ -58,27 +58,41 @@ class Plasticity(nn.Module):
         self._hooks = HookOwner()
         self._model_name = type(model).__name__
         self._forward_start: Optional[Dict[str, int]] = None
+        self._post_state: List[tuple] = []
         self._hooks.add(model.register_forward_pre_hook(self._begin_forward))
         for name, module in self.layers.items():
             if detach_input:
                 self._hooks.add(module.register_forward_pre_hook(_detach_inputs))
             self._hooks.add(module.register_forward_hook(self._make_hook(name)))
             _PLASTIC_LAYERS.add(module)
+        # after the layers' hooks, so that on a model that is itself the plastic layer they run last
+        self._hooks.add(model.register_forward_hook(self._end_forward))
+        self._hooks.add(model.register_forward_hook(self._undo_failed_forward, always_call=True))
 
     def _begin_forward(self, model, args):
-        """Remember how many records each layer had, to roll back a forward pass that fails."""
+        """Remember the record counts and the post signals' state (k-WTA thresholds), so that a
+        forward pass that fails part-way leaves neither records nor moved thresholds behind."""
         self._forward_start = {n: len(r) for n, r in self.records.items()}
+        self._post_state = [(b, b.clone()) for b in self.posts.buffers()] if torch.is_grad_enabled() else []
+
+    def _end_forward(self, model, args, output):
+        self._forward_start, self._post_state = None, []
+
+    def _undo_failed_forward(self, model, args, output):
+        """Runs even when the forward raised (always_call); after a success _end_forward has cleared."""
+        if self._forward_start is None:
+            return
+        for n, count in self._forward_start.items():
+            del self.records[n][count:]
+        with torch.no_grad():
+            for buffer, saved in self._post_state:
+                buffer.copy_(saved)
+        self._forward_start, self._post_state = None, []
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled():
-                return
-            try:
+            if torch.is_grad_enabled():
                 self.records[name].append(self._record(name, module, args, output))
-            except Exception:
-                for n, count in (self._forward_start or {}).items():
-                    del self.records[n][count:]  # the failed pass leaves no record behind
-                raise
         return hook
 
     def _record(self, name, module, args, output) -> Record:

@@ -35,7 +35,8 @@ def _x(nan=False):
 
 
 def _hooks(model):
-    dicts = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks")
+    dicts = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+             "_backward_hooks")
     return {(n, d): list(getattr(m, d)) for n, m in model.named_modules() for d in dicts}
 
 
@@ -280,6 +281,43 @@ def test_a_failing_forward_leaves_no_records_of_earlier_layers():
     with pytest.raises(RuntimeError, match="no forward pass"):
         plastic.loss()
     plastic.remove()
+
+
+class _FailsAfter(nn.Module):
+    """Two plastic convs with k-WTA posts, then a step that fails when asked to."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1)
+        self.fail = False
+
+    def forward(self, x):
+        z = self.b(self.a(x))
+        if self.fail:
+            raise RuntimeError("the model failed after its plastic layers")
+        return z
+
+
+def test_a_forward_that_fails_after_the_plastic_layers_leaves_records_and_thresholds_as_they_were():
+    model = _FailsAfter()
+    plastic = hebbloss.attach(model, rule="oja", post=hebbloss.KWTA(k=1, homeostasis=0.5))
+    x = torch.randn(3, 2, 5, 5)
+    model(x)  # one good forward: records and moved thresholds are kept
+    before = {k: v.clone() for k, v in plastic.state_dict().items()}
+    assert any(v.abs().sum() > 0 for v in before.values()), "homeostasis must have moved the thresholds"
+    counts = {n: len(r) for n, r in plastic.records.items()}
+    model.fail = True
+    with pytest.raises(RuntimeError, match="failed after its plastic layers"):
+        model(x)
+    assert {n: len(r) for n, r in plastic.records.items()} == counts
+    for k, v in plastic.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} moved in the failed forward"
+    model.fail = False
+    model(x)  # and the next forward records and adapts as usual
+    assert all(len(r) == 2 for r in plastic.records.values())
+    assert any(not torch.equal(v, before[k]) for k, v in plastic.state_dict().items())
+    plastic.remove()
+    assert _no_hooks(model)
 
 
 def test_multihead_attention_out_proj_is_refused_because_its_forward_never_runs():
