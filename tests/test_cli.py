@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import hebbloss.data
+import hebbloss.models
 from hebbloss import checkpoint
 from hebbloss.cli import main
 from hebbloss.cli.preprocess import Preprocess
 from hebbloss.data import ImageDataset
 
 TINY = ["--dataset", "tiny", "--model", "miconi2021", "--model-arg", "channels=[4,6,8]", "--model-arg", "pruning=false",
-        "--no-progress"]
+        "--warmup-steps", "0", "--no-progress"]  # the recipe's 200 warm-up steps would leave these short runs untrained
 
 
 def tiny_dataset(n_train=48, n_test=24):
@@ -74,8 +75,23 @@ def test_train_writes_checkpoint_config_and_results(tmp_path, capsys):
     assert results["config"]["model_args"] == {"channels": [4, 6, 8], "pruning": False}
     state = checkpoint.load(out / "checkpoint.pt")
     assert state["progress"]["epoch"] == 2
-    assert any(k.endswith("theta") for k in state["plastic"])  # k-WTA thresholds are saved
+    thresholds = [k for k in state["model"] if k.endswith("theta")]  # Miconi's k-WTA thresholds live in the model
+    assert len(thresholds) == 3 and all(state["model"][k].abs().sum() > 0 for k in thresholds)
     assert "trained 6 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("warmup", [3, 0])
+def test_warmup_steps_adapt_thresholds_but_leave_weights(tmp_path, warmup):
+    """Miconi 2021's code takes no weight step for its first 200 batches; --warmup-steps (default: the recipe's)."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--batch-size", "16", "--warmup-steps", str(warmup), "--out", str(out)]) == 0
+    trained = checkpoint.load(out / "checkpoint.pt")["model"]
+    fresh = hebbloss.models.miconi2021(in_channels=1, channels=(4, 6, 8), pruning=False, seed=0).state_dict()
+    convs = [k for k in fresh if k.startswith("conv")]
+    assert all(fresh[k].abs().sum() == 0 for k in fresh if k.endswith("theta"))
+    assert all(trained[k].abs().sum() > 0 for k in trained if k.endswith("theta"))
+    unchanged = [torch.equal(trained[k], fresh[k]) for k in convs]
+    assert all(unchanged) if warmup == 3 else not any(unchanged)
 
 
 @pytest.mark.parametrize("stop_after", [2, 3, 4])  # mid-epoch, at an epoch boundary, in the second epoch
@@ -95,7 +111,8 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, stop_after):
 
 
 def test_ctrl_c_stops_with_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
-    args = [*TINY, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "100"]
+    # interrupted in step 4 of a 5-step warm-up: the resumed run must still know where the warm-up ends
+    args = [*TINY, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "100", "--warmup-steps", "5"]
     assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
     real, calls = Preprocess.forward, []
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import hebbloss.models as models
-from hebbloss.competition import KWTA, SoftWTA, Triangle
+from hebbloss.competition import SoftWTA
+from hebbloss.models.miconi2021 import HomeostaticTriangle, Winners
 
 
 def train(model, steps, batch, seed):
@@ -37,17 +38,19 @@ def test_miconi2021_architecture_real_sizes():
         if amount:
             assert int((conv.weight_mask == 0).sum()) == round(amount * conv.weight_mask.numel())
         assert torch.allclose(w.detach().flatten(1).norm(dim=1), torch.ones(w.shape[0]), atol=1e-5)
-    assert isinstance(model.act1, Triangle) and isinstance(model.pool1, nn.AvgPool2d)
+    assert isinstance(model.act1, HomeostaticTriangle) and isinstance(model.pool1, nn.AvgPool2d)
+    assert [getattr(model, f"act{i}").theta.numel() for i in (1, 2, 3)] == [100, 196, 400]
     recipe = model.recipe
     assert [l.rule for l in recipe.layers.values()] == ["instar"] * 3
-    assert all(isinstance(l.post, KWTA) and l.post.k == 1 and l.post.binary and l.post.homeostasis > 0
-               for l in recipe.layers.values())
-    assert (recipe.batch_size, recipe.epochs, recipe.renormalize) == (100, 20, True)
+    assert all(isinstance(l.post, Winners) and l.post.act is getattr(model, f"act{i}")
+               for i, l in enumerate(recipe.layers.values(), start=1))
+    assert all(a.k == 1 and a.homeostasis == 3.0 and a.triangle for a in (model.act1, model.act2, model.act3))
+    assert (recipe.batch_size, recipe.epochs, recipe.renormalize, recipe.warmup_steps) == (100, 20, True, 200)
 
 
 def test_miconi2021_ablations():
     plain = models.miconi2021(triangle=False, pruning=False, channels=(6, 8, 10))
-    assert isinstance(plain.act2, KWTA) and plain.act2.binary
+    assert not plain.act2.triangle
     assert not hasattr(plain.conv2, "weight_orig")
     out = plain(torch.randn(2, 3, 32, 32))
     assert set(out.unique().tolist()) <= {0.0, 0.25, 0.5, 0.75, 1.0}  # avg-pooled binary winners
@@ -66,7 +69,37 @@ def test_miconi2021_recipe_step_keeps_unit_norm_and_zeros():
         assert torch.all(w[conv.weight_mask == 0] == 0)
         alive = conv.weight_mask.flatten(1).any(dim=1)  # at 99% pruning a tiny filter may lose every input
         assert torch.allclose(w.flatten(1).norm(dim=1)[alive], torch.ones(int(alive.sum())), atol=1e-5)
-    assert plastic.state_dict()["posts.conv1.theta"].abs().sum() > 0  # homeostasis ran in training mode
+    assert model.act1.theta.abs().sum() > 0  # homeostasis ran in training mode
+    assert list(plastic.state_dict()) == []  # the thresholds are the model's, not copies in the handle
+    plastic.remove()
+
+
+def test_miconi2021_one_step_against_a_float64_reference_of_the_papers_code():
+    """One batch as the paper's code computes it: with thresholds theta, the plastic signal is the
+    binarised 1-WTA of z - theta, the forward output Triangle(z - theta) = relu(u - mean_c u) with
+    u = z - theta, then theta += mu * (win rate - 1/C); all with the theta from before the batch."""
+    torch.manual_seed(0)
+    model = models.miconi2021(channels=(5, 6, 7), pruning=False).double()
+    theta0 = torch.randn(5, dtype=torch.float64) * 0.1
+    model.act1.theta.copy_(theta0)
+    plastic = model.recipe.attach(model)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    seen = {}
+    model.act1.register_forward_hook(lambda m, a, o: seen.update(act=o.detach().clone()))
+    model(x)
+
+    var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)  # population variance (see Standardize)
+    xs = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (var + 1e-8).sqrt()
+    z = torch.nn.functional.conv2d(xs, model.conv1.weight.detach())
+    u = z - theta0.view(1, -1, 1, 1)
+    winner = u.argmax(dim=1, keepdim=True)
+    mask = torch.zeros_like(u).scatter_(1, winner, 1.0)
+    expected_out = (u - u.mean(dim=1, keepdim=True)).clamp(min=0)
+    expected_theta = theta0 + 3.0 * (mask.mean(dim=(0, 2, 3)) - 1 / 5)
+
+    torch.testing.assert_close(plastic.records["conv1"][0].post, mask)
+    torch.testing.assert_close(seen["act"], expected_out)
+    torch.testing.assert_close(model.act1.theta, expected_theta)
     plastic.remove()
 
 

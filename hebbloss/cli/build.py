@@ -32,6 +32,7 @@ class Built:
     batch_size: int
     after_step: List[Callable[[], None]] = field(default_factory=list)
     description: Dict[str, Any] = field(default_factory=dict)
+    warmup_steps: int = 0  # first steps that run forward only (thresholds adapt, weights do not)
 
 
 def _reference_models():
@@ -173,6 +174,7 @@ def _probe_layers(cfg: Mapping[str, Any], default) -> Optional[List[str]]:
 def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[str]) -> Built:
     """Any model: one rule for its plastic layers, a post signal, optional pruning, per-layer rates."""
     get = lambda k: cfg.get(k) if cfg.get(k) is not None else GENERIC_DEFAULTS[k]  # noqa: E731
+    warmup = _warmup_steps(cfg, 0)
     chosen = select_layers(model, cfg.get("layers"))
     post, overrides = _post_with_overrides(chosen, get("post"))
     if cfg.get("prune"):
@@ -185,8 +187,9 @@ def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[
         plastic.remove()
         raise
     return Built(model, plastic, optimizer, _probe_layers(cfg, probe_default), int(get("epochs")),
-                 int(get("batch_size")), description={"rule": get("rule"), "post": get("post"), "lr": float(get("lr")),
-                                                      "optimizer": get("optimizer"), "plastic_layers": [n for n, _ in chosen]})
+                 int(get("batch_size")), warmup_steps=warmup,
+                 description={"rule": get("rule"), "post": get("post"), "lr": float(get("lr")),
+                              "optimizer": get("optimizer"), "plastic_layers": [n for n, _ in chosen]})
 
 
 def create_model(cfg: Mapping[str, Any], image_shape, dataset_name: str = "") -> tuple:
@@ -232,6 +235,13 @@ def _reference_kwargs(builder, dataset_name: str, image_shape, model_args: Mappi
     return kwargs
 
 
+def _warmup_steps(cfg: Mapping[str, Any], default: int) -> int:
+    value = default if cfg.get("warmup_steps") is None else cfg["warmup_steps"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"--warmup-steps {value!r}: the number of steps without a weight update must be an integer >= 0")
+    return value
+
+
 def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_default: List[str]) -> Built:
     """A reference network trained by its recipe (rules, post signals, per-layer rates, SGD and step hooks),
     with --layers, --rule, --post, --lr and --layer-lr applied on a copy of the recipe."""
@@ -239,6 +249,7 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
                       ("optimizer", "reference networks train with their recipe's SGD")):
         if cfg.get(key) is not None:
             raise ConfigError(f"--{key} does not apply to --model {cfg.get('model')}: {hint}")
+    warmup = _warmup_steps(cfg, recipe.warmup_steps)
     recipe = recipe.copy()
     if cfg.get("layers"):
         keep = {n: lay for n, lay in recipe.layers.items() if any(name_matches(p, n) for p in cfg["layers"])}
@@ -266,4 +277,5 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
         raise
     return Built(model, plastic, optimizer, _probe_layers(cfg, probe_default),
                  int(cfg.get("epochs") or recipe.epochs), int(cfg.get("batch_size") or recipe.batch_size),
+                 warmup_steps=warmup,
                  description={"recipe": recipe.to_dict(), "plastic_layers": list(recipe.layers)})

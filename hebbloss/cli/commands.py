@@ -157,6 +157,7 @@ def train(args, then_probe: bool = False) -> int:
         built.model, built.plastic, built.optimizer, ds.train_images, prepare.to(device), epochs=epochs,
         batch_size=int(cfg.get("batch_size") or built.batch_size), generator=generator, state=state, save=save,
         checkpoint_every=cfg.get("checkpoint_every"), max_steps=cfg.get("max_steps"), after_step=built.after_step,
+        warmup_steps=built.warmup_steps,
         device=device, progress=bool(cfg.get("progress", True)),
     )
     previous = report.read_results(folder).get("train", {})

@@ -31,6 +31,7 @@ DEFAULTS: Dict[str, Any] = {
     "optimizer": None,        # sgd | adam; None: the recipe's, or adam
     "prune": None,            # fraction of connections removed (fixed random masks) in plastic layers after the first
     "epochs": None,           # None: the recipe's, or 1
+    "warmup_steps": None,     # steps with no weight update at the start; None: the recipe's, or 0
     "batch_size": None,       # None: the recipe's, or 64
     "seed": 0,
     "device": "cpu",

@@ -77,6 +77,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=S, help="stock torch optimizer")
     g.add_argument("--prune", type=float, default=S, help="fraction of connections removed at random in plastic layers after the first")
     g.add_argument("--epochs", type=int, default=S, help="epochs of Hebbian training")
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S,
+                   help="first steps that only run forward (adapting k-WTA thresholds), no weight update (default: the recipe's, else 0)")
     g.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=S, help="steps between checkpoints (default 500)")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=S, help="stop after N steps (a checkpoint is written); --resume later")
     g.add_argument("--resume", metavar="FOLDER", help="continue the run whose results folder (or checkpoint.pt) this is")

@@ -71,12 +71,15 @@ def run_training(
     checkpoint_every: Optional[int] = None,
     max_steps: Optional[int] = None,
     after_step: Sequence[Callable[[], None]] = (),
+    warmup_steps: int = 0,
     device="cpu",
     progress: bool = True,
 ) -> Dict[str, Any]:
     """Train ``model`` through the ``plastic`` handle for ``epochs`` epochs from ``state`` on uint8
     ``images`` turned into inputs by ``prepare``; ``save(state)``
     is called every ``checkpoint_every`` steps, at the end of every epoch and when stopping early.
+    The first ``warmup_steps`` steps overall run the forward pass only (k-WTA thresholds adapt; no
+    weight update), as Miconi 2021's code does for 200 batches.
 
     Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
     "seconds"}.
@@ -100,10 +103,11 @@ def run_training(
                 model(prepare(images[idx].to(device)))
                 optimizer.zero_grad(set_to_none=True)
                 loss = plastic.loss()
-                loss.backward()
-                optimizer.step()
-                for fn in after_step:
-                    fn()
+                if state.global_step >= warmup_steps:
+                    loss.backward()
+                    optimizer.step()
+                    for fn in after_step:
+                        fn()
                 total, count = total + loss.item(), count + 1
                 state.step_in_epoch, state.global_step, done_here = step + 1, state.global_step + 1, done_here + 1
                 bar.set_postfix(loss=f"{total / count:.4g}")

@@ -1,11 +1,12 @@
 """The three-layer Hebbian convolutional network of Miconi 2021, "Multi-layer Hebbian networks
 with modern deep learning frameworks" (arXiv:2107.01729).
 
-Each block: per-sample standardisation -> conv (no padding, no bias) -> Triangle -> 2x2 average
-pooling, with 100 / 196 / 400 channels and 5 / 3 / 3 kernels. Plasticity: instar rule driven by
-a binarised k-WTA (k=1) with homeostatic thresholds (dense activations, sparse plasticity);
-random pruning of 0 / 99 / 99 % of the connections; unit-norm filters after every step. Inputs
-are ZCA-whitened images (``hebbloss.zca.ZCA``, fitted on the training set).
+Each block: per-sample standardisation -> conv (no padding, no bias) -> Triangle(z - theta) -> 2x2
+average pooling, with 100 / 196 / 400 channels and 5 / 3 / 3 kernels. Plasticity: instar rule
+driven by the binarised k-WTA (k=1) of the same z - theta (dense activations, sparse plasticity);
+theta are homeostatic thresholds shared by the two (``HomeostaticTriangle``); random pruning of
+0 / 99 / 99 % of the connections; unit-norm filters after every step; the first 200 batches only
+adapt the thresholds. Inputs are ZCA-whitened images (``hebbloss.zca.ZCA``, fitted on the training set).
 """
 from __future__ import annotations
 
@@ -15,13 +16,62 @@ import torch
 from torch import nn
 
 from .. import prune
-from ..competition import KWTA, Triangle
+from ..competition import kwta_mask, triangle as triangle_fn
 from .blocks import Standardize
 from .recipe import LayerRecipe, Recipe
 
 PAPER = "Miconi 2021, arXiv:2107.01729"
 HOMEOSTASIS = 3.0                  # threshold adaptation rate (MUTHRES in the paper's code)
 LEARNING_RATES = (1e-4, 1e-4, 1e-3)  # per batch of 100 with a summed loss (0.01/100, 0.01/100, 0.1/100)
+WARMUP_STEPS = 200                 # batches that only adapt the thresholds (the paper's code steps after 200)
+
+
+class HomeostaticTriangle(nn.Module):
+    """Miconi 2021's nonlinearity: one set of per-channel thresholds theta for the forward pass and
+    for plasticity.
+
+    forward(z): Triangle(z - theta) (``triangle=False``: the binarised k-WTA of z - theta, the
+        paper's ablation); in training mode it then moves theta_c += mu * (rate_c - k/C), rate_c the
+        fraction of (sample, position) pairs where channel c is among the k winners of z - theta.
+    winners(z): that binarised k-WTA of z - theta, the post signal of the instar rule. ``attach``
+        calls it in the conv's forward hook, before forward, so both see the same theta, as in the
+        paper's code. The thresholds are the buffer ``theta``, saved in the model's ``state_dict``.
+    """
+
+    def __init__(self, num_channels: int, k: int = 1, homeostasis: float = HOMEOSTASIS, triangle: bool = True):
+        super().__init__()
+        self.k, self.homeostasis, self.triangle = k, float(homeostasis), bool(triangle)
+        self.register_buffer("theta", torch.zeros(num_channels))
+
+    def winners(self, z: torch.Tensor) -> torch.Tensor:
+        return kwta_mask(z, self.k, 1, self.theta)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        adapt = self.training and self.homeostasis > 0
+        mask = self.winners(z) if adapt or not self.triangle else None
+        out = triangle_fn(z - self.theta.to(z.dtype).view(-1, *([1] * (z.dim() - 2)))) if self.triangle else mask
+        if adapt:
+            with torch.no_grad():
+                rate = mask.mean(dim=[d for d in range(z.dim()) if d != 1])
+                self.theta.add_(self.homeostasis * (rate.to(self.theta) - self.k / z.shape[1]))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.theta.numel()}, k={self.k}, homeostasis={self.homeostasis}, triangle={self.triangle}"
+
+
+class Winners:
+    """The post signal ``HomeostaticTriangle.winners`` of one layer, as a plain callable: ``attach``
+    uses it as is (it copies only post modules), so plasticity reads the model's own thresholds."""
+
+    def __init__(self, act: HomeostaticTriangle, name: str):
+        self.act, self.name = act, name
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.act.winners(z)
+
+    def __repr__(self) -> str:
+        return f"binarised k-WTA (k={self.act.k}) of z - {self.name}.theta"
 
 
 def _check_triple(name, values, ok, what):
@@ -55,23 +105,26 @@ class Miconi2021(nn.Module):
             if pruning[i] > 0:
                 prune.random_connections(conv, pruning[i], seed=None if seed is None else seed * 10 + i)
             prune.renormalize_filters(conv)
-            act = Triangle(1.0) if triangle else KWTA(k, binary=True, homeostasis=HOMEOSTASIS, num_channels=channels[i])
+            act = HomeostaticTriangle(channels[i], k, HOMEOSTASIS, triangle)
             setattr(self, f"norm{i + 1}", Standardize())
             setattr(self, f"conv{i + 1}", conv)
             setattr(self, f"act{i + 1}", act)
             setattr(self, f"pool{i + 1}", nn.AvgPool2d(2))
         self.recipe = Recipe(
             name="miconi2021",
-            layers={f"conv{i + 1}": LayerRecipe("instar", KWTA(k, binary=True, homeostasis=HOMEOSTASIS), LEARNING_RATES[i])
+            layers={f"conv{i + 1}": LayerRecipe("instar", Winners(getattr(self, f"act{i + 1}"), f"act{i + 1}"),
+                                                LEARNING_RATES[i])
                     for i in range(3)},
             batch_size=100,
             epochs=20,
             renormalize=True,
+            warmup_steps=WARMUP_STEPS,
             paper=PAPER,
             notes={
                 "input": "ZCA-whitened images: hebbloss.zca.ZCA(standardize=True).fit(train_images, eps=1e-3)",
-                "forward": "Triangle on the raw conv output (the paper's code also subtracts the k-WTA thresholds)",
-                "warmup": "the paper's code adapts thresholds for 200 batches before the first weight update; not reproduced",
+                "thresholds": "k-WTA thresholds live in the model (actN.theta) and adapt in training mode, also "
+                              "during the warm-up; the paper's code also adapts them while collecting probe features",
+                "standardisation": "population std; the paper's code divides by the sample std (1.0002x for 3x32x32)",
                 "ablations": f"triangle={triangle}, pruning={pruning}",
             },
         )
@@ -86,8 +139,8 @@ def miconi2021(in_channels: int = 3, triangle: bool = True, pruning: bool = True
                channels: Sequence[int] = (100, 196, 400), seed: Optional[int] = 0) -> Miconi2021:
     """Miconi 2021's network, ready for ``model.recipe.attach(model)``.
 
-    triangle: Triangle forward (dense activations); False is the paper's ablation where the
-        binarised k-WTA (with its own homeostatic thresholds) drives the forward pass too.
+    triangle: Triangle(z - theta) forward (dense activations); False is the paper's ablation where
+        the binarised k-WTA of z - theta drives the forward pass too.
     pruning: remove 0 / 99 / 99 % of the connections of layers 1 / 2 / 3; False is the ablation.
     seed: fixes the initial weights and the pruning masks (None: torch's global generator).
     channels: 100 / 196 / 400 in the paper (smaller for quick tests).

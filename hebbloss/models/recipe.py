@@ -4,14 +4,17 @@ batch size, epochs, and the optimizer extras (Miconi 2021; Journe et al. 2023).
     model = hebbloss.models.create("miconi2021")
     plastic = model.recipe.attach(model)          # hebbloss.attach with the per-layer settings
     optimizer = model.recipe.optimizer(plastic)   # torch.optim.SGD, one param group per layer
-    for x in batches_of(model.recipe.batch_size):
-        optimizer.zero_grad(); model(x); plastic.loss().backward(); optimizer.step()
+    for step, x in enumerate(batches_of(model.recipe.batch_size)):
+        optimizer.zero_grad(); model(x); loss = plastic.loss()
+        if step >= model.recipe.warmup_steps:     # warm-up batches only adapt thresholds
+            loss.backward(); optimizer.step()
 
-Save ``plastic.state_dict()`` (thresholds of the post signals) beside ``model.state_dict()``.
+Save ``plastic.state_dict()`` (the state of post modules, e.g. k-WTA thresholds) beside
+``model.state_dict()``.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -24,8 +27,8 @@ from ..attach import Plasticity, attach
 
 @dataclass
 class LayerRecipe:
-    """How one plastic layer learns: its rule, its post signal (a prototype module, copied by
-    ``attach``) and its SGD learning rate."""
+    """How one plastic layer learns: its rule, its post signal (a prototype module, which ``attach``
+    copies per layer, or a plain callable, used as is) and its SGD learning rate."""
 
     rule: str
     post: Optional[nn.Module]
@@ -42,6 +45,7 @@ class Recipe:
     softhebb_power: if set, max-abs normalise each layer's update and scale neuron c's learning
         rate by |norm(W_c) - 1| ** power before every step (Journe et al. 2023).
     reduction: of the surrogate loss ("sum": the learning rates are per batch, as in the papers).
+    warmup_steps: first batches that run forward (adapting thresholds) with no weight update.
     paper: where the numbers come from.
     """
 
@@ -52,6 +56,7 @@ class Recipe:
     renormalize: bool = False
     softhebb_power: Optional[float] = None
     reduction: str = "sum"
+    warmup_steps: int = 0
     paper: str = ""
     notes: Dict[str, str] = field(default_factory=dict)
 
@@ -80,9 +85,13 @@ class Recipe:
         return {
             "name": self.name, "batch_size": self.batch_size, "epochs": self.epochs,
             "renormalize": self.renormalize, "softhebb_power": self.softhebb_power, "reduction": self.reduction,
+            "warmup_steps": self.warmup_steps,
             "paper": self.paper, "notes": dict(self.notes),
             "layers": {n: {"rule": l.rule, "post": repr(l.post), "lr": l.lr} for n, l in self.layers.items()},
         }
 
     def copy(self) -> "Recipe":
-        return copy.deepcopy(self)
+        """A copy whose settings can be changed freely; the post signals themselves are shared
+        (``attach`` copies post modules, and a callable post may read the model's own state)."""
+        return dataclasses.replace(self, layers={n: dataclasses.replace(l) for n, l in self.layers.items()},
+                                   notes=dict(self.notes))
