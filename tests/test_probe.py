@@ -224,6 +224,19 @@ def test_random_copy_reinitialises_without_touching_model_or_plasticity():
     plastic.remove()
 
 
+def test_random_copy_resets_trained_thresholds_of_miconi2021_and_kwta_layers():
+    import hebbloss.models
+
+    net = hebbloss.models.miconi2021(channels=(4, 6, 8), pruning=False, triangle=False)
+    net.act1.theta.fill_(0.7)  # as if trained
+    kwta_net = nn.Sequential(nn.Conv2d(1, 4, 3), hebbloss.KWTA(k=1, homeostasis=1.0, num_channels=4))
+    kwta_net[1].theta.fill_(0.3)
+    for model, buffer in ((net, "act1.theta"), (kwta_net, "1.theta")):
+        copy = random_copy(model, seed=0)
+        assert torch.count_nonzero(copy.get_buffer(buffer)) == 0
+        assert torch.count_nonzero(model.get_buffer(buffer)) > 0  # the original keeps its thresholds
+
+
 def test_ridge_solve_many_matches_reference():
     g = torch.Generator().manual_seed(5)
     x, labels = torch.randn(40, 7, generator=g), torch.randint(0, 3, (40,), generator=g)

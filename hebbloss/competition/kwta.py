@@ -62,6 +62,12 @@ class KWTA(nn.Module):
         if self.theta is None:
             self.theta = torch.zeros(num_units)
 
+    def reset_parameters(self) -> None:
+        """Thresholds back to 0, e.g. when ``probe.baselines.random_copy`` re-draws a model using k-WTA."""
+        if self.theta is not None:
+            with torch.no_grad():
+                self.theta.zero_()
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         axis = channel_axis(z, self.channel_dim, "KWTA")
         channels = z.shape[axis]

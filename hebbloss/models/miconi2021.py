@@ -46,6 +46,11 @@ class HomeostaticTriangle(nn.Module):
     def winners(self, z: torch.Tensor) -> torch.Tensor:
         return kwta_mask(z, self.k, 1, self.theta)
 
+    def reset_parameters(self) -> None:
+        """Thresholds back to 0 (so a random-weight baseline does not inherit trained thresholds)."""
+        with torch.no_grad():
+            self.theta.zero_()
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         adapt = self.training and self.homeostasis > 0
         mask = self.winners(z) if adapt or not self.triangle else None
