@@ -19,7 +19,8 @@ from ._channels import channel_axis, per_channel
 def kwta_mask(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
     """1 where a channel is among the k largest of z - threshold along ``axis``, else 0 (Miconi 2021)."""
     shifted = z if threshold is None else z - per_channel(threshold.to(z.dtype), z, axis)
-    winners = shifted.topk(k, dim=axis).indices
+    # max() finds one winner several times faster than topk() on CPU (same indices but for exact ties)
+    winners = shifted.max(dim=axis, keepdim=True).indices if k == 1 else shifted.topk(k, dim=axis).indices
     return torch.zeros_like(z).scatter_(axis, winners, 1.0)
 
 

@@ -53,8 +53,9 @@ class HomeostaticTriangle(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         adapt = self.training and self.homeostasis > 0
-        mask = self.winners(z) if adapt or not self.triangle else None
-        out = triangle_fn(z - self.theta.to(z.dtype).view(-1, *([1] * (z.dim() - 2)))) if self.triangle else mask
+        u = z - self.theta.to(z.dtype).view(-1, *([1] * (z.dim() - 2)))
+        mask = kwta_mask(u, self.k, 1) if adapt or not self.triangle else None
+        out = triangle_fn(u) if self.triangle else mask
         if adapt:
             with torch.no_grad():
                 rate = mask.mean(dim=[d for d in range(z.dim()) if d != 1])
