@@ -24,6 +24,14 @@ def kwta_mask(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tens
     return torch.zeros_like(z).scatter_(axis, winners, 1.0)
 
 
+def adapt_thresholds(theta: torch.Tensor, mask: torch.Tensor, k: int, rate: float, axis: int) -> None:
+    """Homeostasis in place: theta_c += rate * (win rate of channel c in ``mask`` - k/C) (Miconi 2021)."""
+    with torch.no_grad():
+        dims = [d for d in range(mask.dim()) if d != axis]
+        wins = mask.mean(dim=dims) if dims else mask
+        theta.add_(rate * (wins.to(theta) - k / mask.shape[axis]))
+
+
 class KWTA(nn.Module):
     """k-WTA post signal: ``attach(model, rule="instar", post=KWTA(k=1, binary=True, homeostasis=3.0))``.
 
@@ -84,10 +92,7 @@ class KWTA(nn.Module):
         theta = self.theta.to(z.device)
         mask = kwta_mask(z, self.k, axis, theta)
         if self.training and self.homeostasis > 0:
-            with torch.no_grad():
-                dims = [d for d in range(z.dim()) if d != axis]
-                rate = mask.mean(dim=dims) if dims else mask
-                self.theta.add_(self.homeostasis * (rate.to(self.theta) - self.k / channels))
+            adapt_thresholds(self.theta, mask, self.k, self.homeostasis, axis)
         return mask if self.binary else z * mask
 
     def extra_repr(self) -> str:

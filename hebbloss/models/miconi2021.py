@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import prune
 from ..competition import kwta_mask, triangle as triangle_fn
+from ..competition.kwta import adapt_thresholds
 from .blocks import Standardize
 from .recipe import LayerRecipe, Recipe
 
@@ -57,9 +58,7 @@ class HomeostaticTriangle(nn.Module):
         mask = kwta_mask(u, self.k, 1) if adapt or not self.triangle else None
         out = triangle_fn(u) if self.triangle else mask
         if adapt:
-            with torch.no_grad():
-                rate = mask.mean(dim=[d for d in range(z.dim()) if d != 1])
-                self.theta.add_(self.homeostasis * (rate.to(self.theta) - self.k / z.shape[1]))
+            adapt_thresholds(self.theta, mask, self.k, self.homeostasis, axis=1)
         return out
 
     def extra_repr(self) -> str:
