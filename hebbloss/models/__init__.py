@@ -4,7 +4,7 @@ layers (``model.plastic_layers``, ``model.feature_layers``).
 
     model = hebbloss.models.create("softhebb", dataset="cifar10")
     plastic = model.recipe.attach(model)
-    optimizer = model.recipe.optimizer(plastic)
+    optimizer = model.recipe.optimizer(plastic)   # then train as in hebbloss.models.recipe
 
 - ``miconi2021``: Miconi 2021, arXiv:2107.01729.
 - ``softhebb``: Journe et al. 2023, "Hebbian deep learning without feedback", ICLR.
@@ -15,7 +15,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from .miconi2021 import Miconi2021, miconi2021
+from .miconi2021 import HomeostaticTriangle, Miconi2021, miconi2021
 from .recipe import LayerRecipe, Recipe
 from .softhebb import SoftHebbNet, softhebb
 
@@ -36,4 +36,4 @@ def create(name: str, **kwargs) -> nn.Module:
     return _MODELS[key](**kwargs)
 
 
-__all__ = ["LayerRecipe", "Miconi2021", "Recipe", "SoftHebbNet", "available", "create", "miconi2021", "softhebb"]
+__all__ = ["HomeostaticTriangle", "LayerRecipe", "Miconi2021", "Recipe", "SoftHebbNet", "available", "create", "miconi2021", "softhebb"]
