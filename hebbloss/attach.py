@@ -115,11 +115,12 @@ class Plasticity(nn.Module):
             )
         if post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
             post = post.clone()  # an in-place op after the layer (ReLU(inplace=True)) must not change y
-        local = output
+        local = output  # its graph reaches only the layer's weight and bias (its input is detached)
         if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         kind, groups = self._kinds[name]
-        loss = surrogate_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
+        loss = surrogate_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction,
+                              local=True)
         return Record(output, post, loss)
 
     def loss(self) -> torch.Tensor:

@@ -37,10 +37,17 @@ class _Surrogate(torch.autograd.Function):
     layer's own backward, giving sum y x_patch) and scale*S_c*W_c, scale*S_c*b_c for the decay.
     This equals autograd of the plain expression (the property tests check it in float64) and
     saves the graph nodes and temporaries of that expression: one node per layer per forward.
+
+    ``edge`` (from :func:`hebbloss.attach`, whose layers see a detached input, so the output's graph
+    reaches only the layer's weight and bias): the backward then runs the layer's own backward
+    itself, ``torch.autograd.grad`` from that edge with y, and adds the decay to the fresh weight
+    gradient in place. Same gradients, one activation-sized and one weight-sized temporary fewer.
+    The output is still an input of the node (with no gradient), so the layer's own backward node
+    cannot run before this one.
     """
 
     @staticmethod
-    def forward(ctx, output, post, weight, bias, decay, kind, groups, scale):
+    def forward(ctx, output, post, weight, bias, decay, kind, groups, scale, edge=None):
         value = torch.dot(post.reshape(-1), output.reshape(-1)).neg_()
         if decay is not None:
             norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
@@ -48,7 +55,7 @@ class _Surrogate(torch.autograd.Function):
                 norm_sq.addcmul_(bias, bias)
             value.add_(torch.dot(decay, norm_sq), alpha=0.5)
         ctx.save_for_backward(post, weight, bias, decay)
-        ctx.kind, ctx.groups, ctx.scale = kind, groups, scale
+        ctx.kind, ctx.groups, ctx.scale, ctx.edge = kind, groups, scale, edge
         return value.mul_(scale) if scale != 1.0 else value
 
     @staticmethod
@@ -57,6 +64,8 @@ class _Surrogate(torch.autograd.Function):
         post, weight, bias, decay = ctx.saved_tensors
         if ctx.scale != 1.0:
             grad = grad * ctx.scale
+        if ctx.edge is not None:
+            return (None, None) + _local_parameter_grads(ctx, grad, post, weight, bias, decay) + (None,) * 5
         grad_output = post * grad.neg() if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
         if decay is not None:
@@ -65,7 +74,29 @@ class _Surrogate(torch.autograd.Function):
                 grad_weight = weight * ctx.kind.per_unit(coefficient, weight, ctx.groups)
             if bias is not None and ctx.needs_input_grad[3]:
                 grad_bias = bias * coefficient
-        return grad_output, None, grad_weight, grad_bias, None, None, None, None
+        return grad_output, None, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _local_parameter_grads(ctx, grad, post, weight, bias, decay):
+    """(weight gradient, bias gradient) = grad * (-sum y x + S W, -sum y + S b), by the layer's own
+    backward from ``ctx.edge``. y goes in as it is when it is larger than the weight (the sign is then
+    applied to the weight gradient), negated otherwise, so only the smaller of the two is touched."""
+    wanted = [i for i, t in ((2, weight), (3, bias)) if t is not None and ctx.needs_input_grad[i]]
+    if not wanted:
+        return None, None
+    negate_y = post.numel() <= weight.numel()
+    found = torch.autograd.grad([ctx.edge], [weight if i == 2 else bias for i in wanted],
+                                [post * grad.neg() if negate_y else post], retain_graph=True)
+    out = {}
+    for i, g in zip(wanted, found):
+        if not negate_y:
+            g.mul_(grad.neg())
+        if decay is not None:
+            tensor = weight if i == 2 else bias
+            coefficient = decay * grad
+            g.addcmul_(tensor, ctx.kind.per_unit(coefficient, tensor, ctx.groups) if i == 2 else coefficient)
+        out[i] = g
+    return out.get(2), out.get(3)
 
 
 def surrogate_loss(
@@ -95,18 +126,22 @@ def surrogate_loss(
     return surrogate_term(weight, bias, kind, groups, output, post, rule, reduction)
 
 
-def surrogate_term(weight, bias, kind, groups, output, post, rule, reduction) -> torch.Tensor:
+def surrogate_term(weight, bias, kind, groups, output, post, rule, reduction, local=False) -> torch.Tensor:
     """:func:`surrogate_loss` for a layer already resolved and arguments already checked (the hot path
-    of :func:`hebbloss.attach`, which resolves each layer once when attaching)."""
+    of :func:`hebbloss.attach`, which resolves each layer once when attaching). ``local``: the graph of
+    ``output`` reaches only ``weight`` and ``bias`` (see ``_Surrogate``)."""
     post = post.detach()
     cdim = kind.channel_dim(output)
     density = rule.decay(post, output.detach())
     if density is None:
-        decay = weight = bias = None  # plain Hebb: the decay term is 0 and needs no weight
+        decay = None  # plain Hebb: the decay term is 0 (and needs the weight only in local mode)
+        if not local:
+            weight = bias = None
     else:
         dims = [d for d in range(output.dim()) if d != cdim]
         decay = (density.sum(dim=dims) if dims else density).to(weight.dtype)
     scale = 1.0
     if reduction == "mean":
         scale = 1.0 / max(1, output.numel() // output.shape[cdim])
-    return _Surrogate.apply(output, post, weight, bias, decay, kind, groups, scale)
+    edge = torch.autograd.graph.get_gradient_edge(output) if local else None
+    return _Surrogate.apply(output, post, weight, bias, decay, kind, groups, scale, edge)
