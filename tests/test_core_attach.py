@@ -4,6 +4,8 @@
 Every gradient is compared in float64 with tests/reference.py, fed the input and output each layer
 actually saw (captured by this file's own forward hooks).
 """
+import copy
+
 import pytest
 import timm.layers
 import torch
@@ -213,6 +215,33 @@ def test_surrogate_and_task_gradients_do_not_reach_earlier_layers():
     model(_x()).sum().backward()  # detach_input=True: even a task loss stops at the plastic layer
     assert model.conv1.weight.grad is None
     assert model.fc.weight.grad is not None
+    plastic.remove()
+
+
+def test_surrogate_plus_task_loss_in_one_backward_and_retained_graph():
+    """attach's node runs the layer's backward itself: a task loss that also reaches the plastic
+    layer through its output must add to the rule's update, and a retained graph must give it twice."""
+    model, x = _net(), _x()
+    plain = copy.deepcopy(model)
+    plain(x).sum().backward()  # the task gradient of conv2 by plain backprop
+    task_w, task_b = plain.conv2.weight.grad, plain.conv2.bias.grad
+    plastic = hebbloss.attach(model, rule="oja", post=torch.relu, targets="conv2")
+    cap = Capture(model, ["conv2"])
+    out = model(x)
+    (plastic.loss() + out.sum()).backward()
+    update_w, update_b = _expected(model.conv2, cap.seen["conv2"], "oja", torch.relu)
+    torch.testing.assert_close(model.conv2.weight.grad, task_w - update_w, **TOL)
+    torch.testing.assert_close(model.conv2.bias.grad, task_b - update_b, **TOL)
+    model.zero_grad(set_to_none=True)
+    cap.seen["conv2"].clear()
+    model(_x())
+    loss = plastic.loss()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    update_w, update_b = _expected(model.conv2, cap.seen["conv2"], "oja", torch.relu)
+    torch.testing.assert_close(model.conv2.weight.grad, -2 * update_w, **TOL)
+    torch.testing.assert_close(model.conv2.bias.grad, -2 * update_b, **TOL)
+    cap.remove()
     plastic.remove()
 
 
