@@ -81,20 +81,20 @@ def _local_parameter_grads(ctx, grad, post, weight, bias, decay):
     """(weight gradient, bias gradient) = grad * (-sum y x + S W, -sum y + S b), by the layer's own
     backward from ``ctx.edge``. y goes in as it is when it is larger than the weight (the sign is then
     applied to the weight gradient), negated otherwise, so only the smaller of the two is touched."""
-    wanted = [i for i, t in ((2, weight), (3, bias)) if t is not None and ctx.needs_input_grad[i]]
+    params = {2: weight, 3: bias}  # index of each among the node's inputs
+    wanted = [i for i, t in params.items() if t is not None and ctx.needs_input_grad[i]]
     if not wanted:
         return None, None
-    negate_y = post.numel() <= weight.numel()
-    found = torch.autograd.grad([ctx.edge], [weight if i == 2 else bias for i in wanted],
-                                [post * grad.neg() if negate_y else post], retain_graph=True)
+    negate_y, minus = post.numel() <= weight.numel(), grad.neg()
+    found = torch.autograd.grad([ctx.edge], [params[i] for i in wanted],
+                                [post * minus if negate_y else post], retain_graph=True)
+    coefficient = None if decay is None else decay * grad
     out = {}
     for i, g in zip(wanted, found):
         if not negate_y:
-            g.mul_(grad.neg())
-        if decay is not None:
-            tensor = weight if i == 2 else bias
-            coefficient = decay * grad
-            g.addcmul_(tensor, ctx.kind.per_unit(coefficient, tensor, ctx.groups) if i == 2 else coefficient)
+            g.mul_(minus)
+        if coefficient is not None:
+            g.addcmul_(params[i], ctx.kind.per_unit(coefficient, weight, ctx.groups) if i == 2 else coefficient)
         out[i] = g
     return out.get(2), out.get(3)
 
