@@ -23,7 +23,7 @@ from torch import nn
 from . import layers, rules
 from .hooks import HookOwner
 from .selection import Targets, name_matches, select_layers
-from .surrogate import surrogate_term
+from .local import LocalTerm, local_loss, local_term
 
 _PLASTIC_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -31,11 +31,14 @@ Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 @dataclass
 class Record:
-    """What one call of a plastic layer left: its output z, its post signal y and its surrogate term."""
+    """What one call of a plastic layer left: its output z, its post signal y and its surrogate term
+    (``local``: the output whose graph the term's gradient runs through; ``output`` itself unless the
+    layer was re-run on a detached input)."""
 
     output: torch.Tensor
     post: torch.Tensor
-    loss: torch.Tensor
+    term: LocalTerm
+    local: torch.Tensor
 
 
 def _post_key(name: str) -> str:
@@ -119,9 +122,8 @@ class Plasticity(nn.Module):
         if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         kind, groups = self._kinds[name]
-        loss = surrogate_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction,
-                              local=True)
-        return Record(output, post, loss)
+        term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
+        return Record(output, post, term, local)
 
     def loss(self) -> torch.Tensor:
         """Sum of the surrogate terms recorded since the last call, which it clears.
@@ -131,13 +133,13 @@ class Plasticity(nn.Module):
         """
         if not torch.is_grad_enabled():
             raise RuntimeError("plastic.loss() was called under torch.no_grad(); call it where gradients are enabled")
-        terms = [r.loss for recs in self.records.values() for r in recs]
-        if not terms:
+        recorded = [r for recs in self.records.values() for r in recs]
+        if not recorded:
             raise RuntimeError(
                 f"no forward pass of {self._model_name} was recorded since the last loss(): run model(x) with "
                 "gradients enabled (not under torch.no_grad() or torch.inference_mode()) before plastic.loss()"
             )
-        total = torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+        total = local_loss([r.term for r in recorded], [r.local for r in recorded])
         if not torch.isfinite(total):
             self._raise_non_finite()
         for recs in self.records.values():

@@ -9,7 +9,7 @@ so one optimizer step on L is one step of the rule, computed by the framework's 
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -30,33 +30,51 @@ def _weight_and_type(layer: Union[nn.Module, torch.Tensor]):
     return layer.weight, layer.bias, kind, layers.groups_of(layer)
 
 
-class _Surrogate(torch.autograd.Function):
-    """scale * (-<y, z> + 1/2 * sum_c S_c (||W_c||^2 + b_c^2)) as one autograd node.
+def decay_coefficients(rule: rules.Rule, kind: layers.LayerType, output: torch.Tensor, post: torch.Tensor,
+                       dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """S_c = sum over samples and positions of the rule's density s(y, z), or None when S = 0."""
+    density = rule.decay(post, output.detach())
+    if density is None:
+        return None
+    cdim = kind.channel_dim(output)
+    dims = [d for d in range(output.dim()) if d != cdim]
+    return (density.sum(dim=dims) if dims else density).to(dtype)
 
-    Its backward is written out: -scale*y for the output (which autograd passes on through the
-    layer's own backward, giving sum y x_patch) and scale*S_c*W_c, scale*S_c*b_c for the decay.
-    This equals autograd of the plain expression (the property tests check it in float64) and
-    saves the graph nodes and temporaries of that expression: one node per layer per forward.
 
-    ``edge`` (from :func:`hebbloss.attach`, whose layers see a detached input, so the output's graph
-    reaches only the layer's weight and bias): the backward then runs the layer's own backward
-    itself, ``torch.autograd.grad`` from that edge with y, and adds the decay to the fresh weight
-    gradient in place. Same gradients, one activation-sized and one weight-sized temporary fewer.
-    The output is still an input of the node (with no gradient), so the layer's own backward node
-    cannot run before this one.
-    """
+def mean_scale(kind: layers.LayerType, output: torch.Tensor, reduction: str) -> float:
+    """1 for reduction="sum"; 1/N, N the number of (sample, position) pairs, for "mean"."""
+    if reduction == "sum":
+        return 1.0
+    return 1.0 / max(1, output.numel() // output.shape[kind.channel_dim(output)])
 
-    @staticmethod
-    def forward(ctx, output, post, weight, bias, decay, kind, groups, scale, edge=None):
+
+def surrogate_value(output, post, weight, bias, decay, kind: layers.LayerType, groups: int, scale: float) -> torch.Tensor:
+    """scale * (-<y, z> + 1/2 * sum_c S_c (||W_c||^2 + b_c^2)), computed without recording a graph."""
+    with torch.no_grad():
         value = torch.dot(post.reshape(-1), output.reshape(-1)).neg_()
         if decay is not None:
             norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
             if bias is not None:
                 norm_sq.addcmul_(bias, bias)
             value.add_(torch.dot(decay, norm_sq), alpha=0.5)
-        ctx.save_for_backward(post, weight, bias, decay)
-        ctx.kind, ctx.groups, ctx.scale, ctx.edge = kind, groups, scale, edge
         return value.mul_(scale) if scale != 1.0 else value
+
+
+class _Surrogate(torch.autograd.Function):
+    """scale * (-<y, z> + 1/2 * sum_c S_c (||W_c||^2 + b_c^2)) as one autograd node.
+
+    Its backward is written out: -scale*y for the output (which autograd passes on through the
+    layer's own backward, giving sum y x_patch, and on to whatever else the output's graph reaches)
+    and scale*S_c*W_c, scale*S_c*b_c for the decay. This equals autograd of the plain expression (the
+    property tests check it in float64) and saves the graph nodes and temporaries of that expression.
+    :func:`hebbloss.attach`, whose layers see a detached input, uses :mod:`hebbloss.local` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, output, post, weight, bias, decay, kind, groups, scale):
+        ctx.save_for_backward(post, weight, bias, decay)
+        ctx.kind, ctx.groups, ctx.scale = kind, groups, scale
+        return surrogate_value(output, post, weight, bias, decay, kind, groups, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -64,8 +82,6 @@ class _Surrogate(torch.autograd.Function):
         post, weight, bias, decay = ctx.saved_tensors
         if ctx.scale != 1.0:
             grad = grad * ctx.scale
-        if ctx.edge is not None:
-            return (None, None) + _local_parameter_grads(ctx, grad, post, weight, bias, decay) + (None,) * 5
         grad_output = post * grad.neg() if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
         if decay is not None:
@@ -74,29 +90,7 @@ class _Surrogate(torch.autograd.Function):
                 grad_weight = weight * ctx.kind.per_unit(coefficient, weight, ctx.groups)
             if bias is not None and ctx.needs_input_grad[3]:
                 grad_bias = bias * coefficient
-        return grad_output, None, grad_weight, grad_bias, None, None, None, None, None
-
-
-def _local_parameter_grads(ctx, grad, post, weight, bias, decay):
-    """(weight gradient, bias gradient) = grad * (-sum y x + S W, -sum y + S b), by the layer's own
-    backward from ``ctx.edge``. y goes in as it is when it is larger than the weight (the sign is then
-    applied to the weight gradient), negated otherwise, so only the smaller of the two is touched."""
-    params = {2: weight, 3: bias}  # index of each among the node's inputs
-    wanted = [i for i, t in params.items() if t is not None and ctx.needs_input_grad[i]]
-    if not wanted:
-        return None, None
-    negate_y, minus = post.numel() <= weight.numel(), grad.neg()
-    found = torch.autograd.grad([ctx.edge], [params[i] for i in wanted],
-                                [post * minus if negate_y else post], retain_graph=True)
-    coefficient = None if decay is None else decay * grad
-    out = {}
-    for i, g in zip(wanted, found):
-        if not negate_y:
-            g.mul_(minus)
-        if coefficient is not None:
-            g.addcmul_(params[i], ctx.kind.per_unit(coefficient, weight, ctx.groups) if i == 2 else coefficient)
-        out[i] = g
-    return out.get(2), out.get(3)
+        return grad_output, None, grad_weight, grad_bias, None, None, None, None
 
 
 def surrogate_loss(
@@ -123,25 +117,9 @@ def surrogate_loss(
     if post.shape != output.shape:
         raise ValueError(f"post has shape {tuple(post.shape)} but the layer's output has shape {tuple(output.shape)}")
     weight, bias, kind, groups = _weight_and_type(layer)
-    return surrogate_term(weight, bias, kind, groups, output, post, rule, reduction)
-
-
-def surrogate_term(weight, bias, kind, groups, output, post, rule, reduction, local=False) -> torch.Tensor:
-    """:func:`surrogate_loss` for a layer already resolved and arguments already checked (the hot path
-    of :func:`hebbloss.attach`, which resolves each layer once when attaching). ``local``: the graph of
-    ``output`` reaches only ``weight`` and ``bias`` (see ``_Surrogate``)."""
     post = post.detach()
-    cdim = kind.channel_dim(output)
-    density = rule.decay(post, output.detach())
-    if density is None:
-        decay = None  # plain Hebb: the decay term is 0 (and needs the weight only in local mode)
-        if not local:
-            weight = bias = None
-    else:
-        dims = [d for d in range(output.dim()) if d != cdim]
-        decay = (density.sum(dim=dims) if dims else density).to(weight.dtype)
-    scale = 1.0
-    if reduction == "mean":
-        scale = 1.0 / max(1, output.numel() // output.shape[cdim])
-    edge = torch.autograd.graph.get_gradient_edge(output) if local else None
-    return _Surrogate.apply(output, post, weight, bias, decay, kind, groups, scale, edge)
+    decay = decay_coefficients(rule, kind, output, post, weight.dtype)
+    if decay is None:
+        weight = bias = None  # plain Hebb: the decay term is 0 and needs no weight
+    scale = mean_scale(kind, output, reduction)
+    return _Surrogate.apply(output, post, weight, bias, decay, kind, groups, scale)

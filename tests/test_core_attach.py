@@ -260,6 +260,110 @@ def test_detach_input_false_keeps_the_model_graph_but_the_surrogate_stays_local(
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
 
 
+# --------------------------------------------------------------------------- one node for every recorded term
+# plastic.loss() is one autograd node whose backward runs every layer's own backward in one engine call
+# and scales either y (before) or the gradient (after), whichever is smaller (hebbloss/local.py).
+
+
+class Wide(nn.Module):
+    """conv: y (2x4x9x9 = 648) larger than its weight (4x2x3x3 = 72): y goes in unscaled;
+    fc: y (2x3 = 6) smaller than its weight (3x4 = 12): y is scaled before the layer's backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("upstream", [1.0, -2.5])
+def test_both_scalings_give_the_update_times_the_upstream_gradient(reduction, upstream):
+    model = Wide().to(D)
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh, reduction=reduction)
+    cap = Capture(model, ["conv", "fc"])
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    posts = {n: plastic.records[n][0].post.clone() for n in ("conv", "fc")}
+    assert posts["conv"].numel() > model.conv.weight.numel() and posts["fc"].numel() < model.fc.weight.numel()
+    (upstream * plastic.loss()).backward()
+    for n, per in (("conv", 2 * 9 * 9), ("fc", 2)):
+        layer = getattr(model, n)
+        n_pairs = per if reduction == "mean" else 1
+        for p, u in zip(hebbloss.layers.plastic_parameters(layer), _expected(layer, cap.seen[n], "oja", torch.tanh)):
+            torch.testing.assert_close(p.grad, -upstream * u / n_pairs, **TOL)
+    cap.remove()
+
+
+def test_backward_leaves_the_recorded_post_signals_unchanged():
+    model = Wide().to(D)
+    plastic = hebbloss.attach(model, rule="instar", post=torch.tanh)
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    records = {n: plastic.records[n][0] for n in ("conv", "fc")}
+    before = {n: r.post.clone() for n, r in records.items()}
+    plastic.loss().backward()
+    for n, r in records.items():
+        assert torch.equal(r.post, before[n])
+
+
+def test_torch_autograd_grad_of_the_loss_is_the_update():
+    """The decay is added inside the node, so autograd.grad (which never touches .grad) gets it too."""
+    model = Wide().to(D)
+    plastic = hebbloss.attach(model, rule="softhebb", post=torch.tanh)
+    cap = Capture(model, ["conv", "fc"])
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    params = plastic.plastic_parameters()
+    found = torch.autograd.grad(plastic.loss(), params)
+    assert all(p.grad is None for p in params)
+    expected = [u for n in ("conv", "fc") for u in _expected(getattr(model, n), cap.seen[n], "softhebb", torch.tanh)]
+    for g, u in zip(found, expected):
+        torch.testing.assert_close(g, -u, **TOL)
+    cap.remove()
+
+
+def test_frozen_weights_and_biases_get_no_gradient_and_the_others_theirs():
+    model = Wide().to(D)
+    model.conv.weight.requires_grad_(False)   # the conv's bias still learns
+    model.fc.requires_grad_(False)            # nothing of fc learns
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
+    cap = Capture(model, ["conv"])
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    plastic.loss().backward()
+    assert model.conv.weight.grad is None and model.fc.weight.grad is None and model.fc.bias.grad is None
+    torch.testing.assert_close(model.conv.bias.grad, -_expected(model.conv, cap.seen["conv"], "oja", torch.tanh)[1], **TOL)
+    cap.remove()
+
+
+def test_pruned_layer_called_twice_shares_its_bias_between_two_weights():
+    """torch.nn.utils.prune recomputes weight = weight_orig * mask on every call: two weight tensors, one
+    bias, both of whose terms must add up on the bias and on weight_orig."""
+    conv = nn.Conv2d(3, 3, 3, padding=1).to(D)
+    prune.random_unstructured(conv, "weight", amount=0.4)
+    model = nn.Sequential(conv, nn.Tanh(), conv)
+    plastic = hebbloss.attach(model, rule="instar", post=torch.relu)
+    cap = Capture(model, ["0"])
+    model(torch.randn(2, 3, 6, 6, dtype=D))
+    assert len(plastic.records["0"]) == 2
+    assert plastic.records["0"][0].term.weight is not plastic.records["0"][1].term.weight
+    plastic.loss().backward()
+    dW, db = _expected(conv, cap.seen["0"], "instar", torch.relu)
+    torch.testing.assert_close(conv.weight_orig.grad, -conv.weight_mask * dW, **TOL)
+    torch.testing.assert_close(conv.bias.grad, -db, **TOL)
+    cap.remove()
+
+
+def test_a_weight_changed_in_place_before_backward_raises():
+    model = Wide().to(D)
+    plastic = hebbloss.attach(model, rule="oja")
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    loss = plastic.loss()
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # --------------------------------------------------------------------------- remove / context manager
 
 
