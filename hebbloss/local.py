@@ -21,7 +21,7 @@ import torch
 
 from .layers import LayerType
 from .rules import Rule
-from .surrogate import decay_coefficients, mean_scale, surrogate_value
+from .surrogate import decay_coefficients, mean_scale, surrogate_sums
 
 
 @dataclass
@@ -36,18 +36,19 @@ class LocalTerm:
     kind: LayerType
     groups: int
     scale: float                             # 1, or 1/N under reduction="mean"
-    value: torch.Tensor                      # this term of L (scaled), computed without a graph
+    correlation: torch.Tensor                # <y, z>
+    decay_norm: Optional[torch.Tensor]       # sum_c S_c (||W_c||^2 + b_c^2); the term is scale * (-<y, z> + decay_norm / 2)
 
 
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
                rule: Rule, reduction: str) -> LocalTerm:
     """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``."""
-    post = post.detach()
-    decay = decay_coefficients(rule, kind, output, post, weight.dtype)
-    scale = mean_scale(kind, output, reduction)
-    value = surrogate_value(output, post, weight, bias, decay, kind, groups, scale)
+    post, detached = post.detach(), output.detach()
+    decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
+    correlation, decay_norm = surrogate_sums(detached, post, weight, bias, decay, kind, groups)
     edge = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
-    return LocalTerm(edge, post, decay, weight, bias, kind, groups, scale, value)
+    return LocalTerm(edge, post, decay, weight, bias, kind, groups, mean_scale(kind, output, reduction),
+                     correlation, decay_norm)
 
 
 def local_loss(terms: Sequence[LocalTerm], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -73,8 +74,7 @@ class _LocalSurrogates(torch.autograd.Function):
         ctx.terms, ctx.n_outputs = terms, n_outputs
         # saved, so that a weight or post changed in place before backward raises as autograd does
         ctx.save_for_backward(*params, *(t.post for t in terms))
-        values = [t.value for t in terms]
-        return torch.stack(values).sum() if len(values) > 1 else values[0].clone()
+        return _total_value(terms)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -85,6 +85,18 @@ class _LocalSurrogates(torch.autograd.Function):
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[2 + ctx.n_outputs:]) if need]
         grads = _parameter_grads(ctx.terms, wanted, grad)
         return (None, None) + (None,) * ctx.n_outputs + tuple(grads.get(id(p)) for p in params)
+
+
+def _total_value(terms: Sequence[LocalTerm]) -> torch.Tensor:
+    """sum_r scale_r * (-<y_r, z_r> + decay_norm_r / 2), with a few operations for all the terms."""
+    values = torch.stack([t.correlation for t in terms]).neg_()
+    norms = [t.decay_norm for t in terms if t.decay_norm is not None]
+    if norms:
+        zero = norms[0].new_zeros(())
+        values = torch.stack([zero if t.decay_norm is None else t.decay_norm for t in terms]).mul_(0.5) + values
+    if any(t.scale != 1.0 for t in terms):
+        values = values * torch.tensor([t.scale for t in terms], dtype=values.dtype, device=values.device)
+    return values.sum()
 
 
 def _parameter_grads(terms: Sequence[LocalTerm], wanted: Sequence[torch.Tensor], grad: torch.Tensor) -> dict:

@@ -32,13 +32,12 @@ def _weight_and_type(layer: Union[nn.Module, torch.Tensor]):
 
 def decay_coefficients(rule: rules.Rule, kind: layers.LayerType, output: torch.Tensor, post: torch.Tensor,
                        dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """S_c = sum over samples and positions of the rule's density s(y, z), or None when S = 0."""
-    density = rule.decay(post, output.detach())
-    if density is None:
-        return None
-    cdim = kind.channel_dim(output)
-    dims = [d for d in range(output.dim()) if d != cdim]
-    return (density.sum(dim=dims) if dims else density).to(dtype)
+    """S_c = sum over samples and positions of the rule's density s(y, z) (``output`` and ``post``
+    detached), or None when S = 0."""
+    coefficients = rule.coefficients(post, output, kind.channel_dim(output))
+    if coefficients is None or coefficients.dtype == dtype:
+        return coefficients
+    return coefficients.to(dtype)
 
 
 def mean_scale(kind: layers.LayerType, output: torch.Tensor, reduction: str) -> float:
@@ -48,16 +47,17 @@ def mean_scale(kind: layers.LayerType, output: torch.Tensor, reduction: str) -> 
     return 1.0 / max(1, output.numel() // output.shape[kind.channel_dim(output)])
 
 
-def surrogate_value(output, post, weight, bias, decay, kind: layers.LayerType, groups: int, scale: float) -> torch.Tensor:
-    """scale * (-<y, z> + 1/2 * sum_c S_c (||W_c||^2 + b_c^2)), computed without recording a graph."""
+def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, groups: int):
+    """(<y, z>, sum_c S_c (||W_c||^2 + b_c^2) or None when S = 0): L = scale * (-first + second / 2).
+    Computed without recording a graph."""
     with torch.no_grad():
-        value = torch.dot(post.reshape(-1), output.reshape(-1)).neg_()
-        if decay is not None:
-            norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
-            if bias is not None:
-                norm_sq.addcmul_(bias, bias)
-            value.add_(torch.dot(decay, norm_sq), alpha=0.5)
-        return value.mul_(scale) if scale != 1.0 else value
+        correlation = torch.dot(post.reshape(-1), output.reshape(-1))
+        if decay is None:
+            return correlation, None
+        norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
+        if bias is not None:
+            norm_sq.addcmul_(bias, bias)
+        return correlation, torch.dot(decay, norm_sq)
 
 
 class _Surrogate(torch.autograd.Function):
@@ -74,7 +74,9 @@ class _Surrogate(torch.autograd.Function):
     def forward(ctx, output, post, weight, bias, decay, kind, groups, scale):
         ctx.save_for_backward(post, weight, bias, decay)
         ctx.kind, ctx.groups, ctx.scale = kind, groups, scale
-        return surrogate_value(output, post, weight, bias, decay, kind, groups, scale)
+        correlation, decay_norm = surrogate_sums(output, post, weight, bias, decay, kind, groups)
+        value = correlation.neg_() if decay_norm is None else decay_norm.mul_(0.5).sub_(correlation)
+        return value.mul_(scale) if scale != 1.0 else value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -118,7 +120,7 @@ def surrogate_loss(
         raise ValueError(f"post has shape {tuple(post.shape)} but the layer's output has shape {tuple(output.shape)}")
     weight, bias, kind, groups = _weight_and_type(layer)
     post = post.detach()
-    decay = decay_coefficients(rule, kind, output, post, weight.dtype)
+    decay = decay_coefficients(rule, kind, output.detach(), post, weight.dtype)
     if decay is None:
         weight = bias = None  # plain Hebb: the decay term is 0 and needs no weight
     scale = mean_scale(kind, output, reduction)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import hebbloss
-from reference import D, decay_coefficients, layer_update, rule_update, tf_same_pad
+from reference import D, channel_dim_of, decay_coefficients, layer_update, rule_update, tf_same_pad, unit_norms_sq
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -293,6 +293,29 @@ def test_both_scalings_give_the_update_times_the_upstream_gradient(reduction, up
         n_pairs = per if reduction == "mean" else 1
         for p, u in zip(hebbloss.layers.plastic_parameters(layer), _expected(layer, cap.seen[n], "oja", torch.tanh)):
             torch.testing.assert_close(p.grad, -upstream * u / n_pairs, **TOL)
+    cap.remove()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_value_of_layers_with_and_without_decay_is_the_sum_of_their_surrogates(reduction):
+    """hebb (S = 0) on conv1 and fc, Oja on conv2 and up: L = sum over layers of
+    (-sum(y*z) + 1/2 sum_c S_c (||W_c||^2 + b_c^2)) / (1 or N)."""
+    model = _net()
+    post = torch.tanh
+    plastic = hebbloss.attach(model, rule="hebb", post=post, overrides={"conv2": {"rule": "oja"}, "up": {"rule": "oja"}},
+                              reduction=reduction)
+    names = {"conv1": "hebb", "conv2": "oja", "up": "oja", "fc": "hebb"}
+    cap = Capture(model, list(names))
+    model(_x())
+    expected = torch.zeros((), dtype=D)
+    for n, rule in names.items():
+        layer = getattr(model, n)
+        z = cap.seen[n][0][1]
+        y = post(z)
+        cdim = channel_dim_of(layer) % z.dim()
+        term = -(y * z).sum() + 0.5 * (decay_coefficients(rule, y, z, cdim) * unit_norms_sq(layer)).sum()
+        expected += term / (z.numel() // z.shape[cdim] if reduction == "mean" else 1)
+    torch.testing.assert_close(plastic.loss().detach(), expected, **TOL)
     cap.remove()
 
 

@@ -214,3 +214,31 @@ def test_reference_hebb_term_is_the_layers_correlation(kind, data):
         expected = (y * layer(x)).sum()
         actual = (dW * layer.weight).sum() + (0 if db is None else (db * layer.bias).sum())
     torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("shape, channel_dim, memory_format", [
+    ((16, 16, 64, 64), 1, torch.contiguous_format),  # conv2d: per-sample norms over the positions (large
+    # enough that a norm over batch and positions together, 1.5e-5 off, would fail)
+    ((4, 8, 30, 30), 1, torch.channels_last),       # not contiguous: the plain sum of y*y
+    ((3, 5, 4, 6, 7), 1, torch.contiguous_format),  # conv3d
+    ((6, 5, 9), -1, torch.contiguous_format),       # linear over leading dims: units last
+])
+def test_oja_coefficients_in_float32_match_float64(shape, channel_dim, memory_format):
+    """Oja's S_c = sum y^2 is computed without a y*y temporary where it can be; in float32 it must be as
+    close to the float64 sum as a plain float32 sum is (a few units in the last place)."""
+    torch.manual_seed(0)
+    y = (3 * torch.randn(shape)).contiguous(memory_format=memory_format)
+    S = hebbloss.rules.get("oja").coefficients(y, y, channel_dim)
+    assert S.dtype == torch.float32
+    cdim = channel_dim % y.dim()
+    expected = (y.double() ** 2).movedim(cdim, 0).reshape(shape[cdim], -1).sum(dim=1)
+    torch.testing.assert_close(S.double(), expected, rtol=2e-6, atol=0)
+
+
+def test_oja_coefficients_of_bfloat16_signals_are_reduced_in_float32():
+    torch.manual_seed(0)
+    y = torch.randn(2, 4, 16, 16).to(torch.bfloat16)
+    S = hebbloss.rules.get("oja").coefficients(y, y, 1)
+    expected = (y.double() ** 2).sum(dim=(0, 2, 3))
+    assert S.dtype == torch.float32
+    torch.testing.assert_close(S.double(), expected, rtol=2e-6, atol=0)
