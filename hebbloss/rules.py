@@ -6,7 +6,8 @@ Every rule here updates a unit c of a layer whose output z is linear in its weig
 
 where y is the post-synaptic signal and S_c = sum_{b,p} s(y, z) is the unit's decay coefficient.
 A rule is therefore nothing more than the element-wise density ``s(y, z)`` whose sum over
-samples and positions gives S_c; :func:`hebbloss.surrogate_loss` does the rest.
+samples and positions gives S_c (:meth:`Rule.coefficients`, which a rule may override to skip the
+density's temporary); :func:`hebbloss.surrogate_loss` does the rest.
 
 Write a new rule in a few lines::
 
