@@ -44,8 +44,9 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
                rule: Rule, reduction: str) -> LocalTerm:
     """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``."""
     post, detached = post.detach(), output.detach()
-    decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
-    correlation, decay_norm = surrogate_sums(detached, post, weight, bias, decay, kind, groups)
+    with torch.no_grad():
+        decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
+        correlation, decay_norm = surrogate_sums(detached, post, weight, bias, decay, kind, groups)
     edge = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
     return LocalTerm(edge, post, decay, weight, bias, kind, groups, mean_scale(kind, output, reduction),
                      correlation, decay_norm)

@@ -49,15 +49,14 @@ def mean_scale(kind: layers.LayerType, output: torch.Tensor, reduction: str) -> 
 
 def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, groups: int):
     """(<y, z>, sum_c S_c (||W_c||^2 + b_c^2) or None when S = 0): L = scale * (-first + second / 2).
-    Computed without recording a graph."""
-    with torch.no_grad():
-        correlation = torch.dot(post.reshape(-1), output.reshape(-1))
-        if decay is None:
-            return correlation, None
-        norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
-        if bias is not None:
-            norm_sq.addcmul_(bias, bias)
-        return correlation, torch.dot(decay, norm_sq)
+    Call it where no graph is recorded (under ``torch.no_grad()`` or in an autograd Function's forward)."""
+    correlation = torch.dot(post.reshape(-1), output.reshape(-1))
+    if decay is None:
+        return correlation, None
+    norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
+    if bias is not None:
+        norm_sq.addcmul_(bias, bias)
+    return correlation, torch.dot(decay, norm_sq)
 
 
 class _Surrogate(torch.autograd.Function):
