@@ -1,5 +1,5 @@
-"""Make layers of any model plastic: record each layer's output and post signal during
-``model(x)`` and turn them into the surrogate loss of its rule (Miconi 2021).
+"""Make layers of any model plastic: during ``model(x)``, record each layer's surrogate term from its
+output and post signal, and sum the terms into the loss of the rules (Miconi 2021).
 
     plastic = hebbloss.attach(model, rule="oja")
     model(x)
@@ -31,14 +31,13 @@ Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 @dataclass
 class Record:
-    """What one call of a plastic layer left: its output z, its post signal y and its surrogate term
-    (``local``: the output whose graph the term's gradient runs through; ``output`` itself unless the
-    layer was re-run on a detached input)."""
+    """What one call of a plastic layer left: its output z, its post signal y and its surrogate term.
+    ``post`` is None where the layer's Hebbian update was computed at once and y let go
+    (where y is larger than the weight; see :mod:`hebbloss.local`)."""
 
     output: torch.Tensor
-    post: torch.Tensor
+    post: Optional[torch.Tensor]
     term: LocalTerm
-    local: torch.Tensor
 
 
 def _post_key(name: str) -> str:
@@ -116,14 +115,14 @@ class Plasticity(nn.Module):
                 f"the post signal of layer '{name}' has shape {shape}, but the layer's output has shape "
                 f"{tuple(output.shape)}; post must map the output to a tensor of the same shape"
             )
-        if post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
-            post = post.clone()  # an in-place op after the layer (ReLU(inplace=True)) must not change y
         local = output  # its graph reaches only the layer's weight and bias (its input is detached)
         if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         kind, groups = self._kinds[name]
         term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
-        return Record(output, post, term, local)
+        if term.post is not None and post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+            term.post = post.clone()  # y waits for the backward: an in-place op after the layer must not change it
+        return Record(output, term.post, term)
 
     def loss(self) -> torch.Tensor:
         """Sum of the surrogate terms recorded since the last call, which it clears.
@@ -139,7 +138,7 @@ class Plasticity(nn.Module):
                 f"no forward pass of {self._model_name} was recorded since the last loss(): run model(x) with "
                 "gradients enabled (not under torch.no_grad() or torch.inference_mode()) before plastic.loss()"
             )
-        total = local_loss([r.term for r in recorded], [r.local for r in recorded])
+        total = local_loss([r.term for r in recorded])
         if not torch.isfinite(total):
             self._raise_non_finite()
         for recs in self.records.values():
@@ -149,12 +148,18 @@ class Plasticity(nn.Module):
     def _raise_non_finite(self):
         for name, recs in self.records.items():
             for r in recs:
-                for what, t in (("output", r.output), ("post signal", r.post)):
-                    if not torch.isfinite(t).all():
-                        raise FloatingPointError(
-                            f"layer '{name}' produced NaN or Inf in its {what}; lower the learning rate, "
-                            "normalise the input, or use a rule with decay (instar, oja)"
-                        )
+                if not torch.isfinite(r.output).all():
+                    what = "output"
+                elif r.post is not None and not torch.isfinite(r.post).all():
+                    what = "post signal"
+                elif r.post is None and not torch.isfinite(r.term.correlation):  # y was let go: <y, z> tells
+                    what = "post signal (or its product with the output overflowed)"
+                else:
+                    continue
+                raise FloatingPointError(
+                    f"layer '{name}' produced NaN or Inf in its {what}; lower the learning rate, "
+                    "normalise the input, or use a rule with decay (instar, oja)"
+                )
         raise FloatingPointError("the surrogate loss overflowed to Inf; lower the learning rate or normalise the input")
 
     def plastic_parameters(self) -> List[nn.Parameter]:

@@ -1,21 +1,28 @@
 """The surrogate terms of every plastic layer of a model as one autograd node (Miconi 2021).
 
 :func:`hebbloss.attach` feeds each plastic layer a detached input, so the graph of a layer's output
-reaches only that layer's weight and bias. :func:`local_loss` therefore sums the recorded terms
+reaches only that layer's weight and bias. :func:`local_loss` sums the recorded terms
 
     L = sum_r  scale_r * ( -<y_r, z_r> + 1/2 * sum_c S_rc (||W_c||^2 + b_c^2) )
 
-in one node whose backward runs all the layers' own backwards (the framework's weight-gradient
-kernels, ``convolution_backward`` or ``mm``) in a single ``torch.autograd.grad`` call fed with the
-post signals y, then adds each unit's decay S_c W_c to the fresh weight gradient in place. The
-gradients are those of the plain expression; per layer this saves an autograd node, a Python
-backward and a re-entry of the autograd engine, which on small layers cost more than the kernels.
+in one node. The Hebbian half of its gradient, sum y x (and sum y for the bias), is what the layer's
+own backward gives with y as the output gradient: the framework's weight-gradient kernel
+(``convolution_backward`` or ``mm``). It is computed at whichever moment keeps less memory alive:
+
+- where y is larger than the weight (early convolutions, large images), at once, in the forward hook,
+  from the layer's graph (``torch.autograd.grad``); y is then let go and only the weight-sized result
+  waits for the backward (the streaming of SoftHebb's hand-written update, as a gradient);
+- elsewhere, in the node's backward, for all such layers in a single ``torch.autograd.grad`` call.
+
+The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
+adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
+tests check them in float64); what the backward carries besides (a task loss through the same layer,
+``retain_graph=True``) adds to them as autograd would.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,34 +35,45 @@ from .surrogate import decay_coefficients, mean_scale, surrogate_sums
 class LocalTerm:
     """One recorded call of a plastic layer: what :func:`local_loss` needs of it."""
 
-    edge: Optional[torch.autograd.graph.GradientEdge]  # where z enters the layer's backward; None if frozen
-    post: torch.Tensor                       # y, detached
-    decay: Optional[torch.Tensor]            # S_c per unit, None for S = 0
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     kind: LayerType
     groups: int
     scale: float                             # 1, or 1/N under reduction="mean"
+    decay: Optional[torch.Tensor]            # S_c per unit, None for S = 0
     correlation: torch.Tensor                # <y, z>
     decay_norm: Optional[torch.Tensor]       # sum_c S_c (||W_c||^2 + b_c^2); the term is scale * (-<y, z> + decay_norm / 2)
+    hebbian: Dict[int, torch.Tensor]         # {id(param): sum y x} where it was computed at once, else empty
+    post: Optional[torch.Tensor] = None      # y, kept for the backward where the Hebbian half waits for it
+    edge: Optional[torch.autograd.graph.GradientEdge] = None  # for the same terms: where z enters the
+    # layer's own backward, taken in the hook (an in-place op after the layer moves z's grad_fn)
+    output: Optional[torch.Tensor] = None    # z, until local_loss makes it an input of the node
 
 
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
                rule: Rule, reduction: str) -> LocalTerm:
     """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``."""
-    post, detached = post.detach(), output.detach()
+    post, detached = (post.detach() if post.requires_grad else post), output.detach()
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
         correlation, decay_norm = surrogate_sums(detached, post, weight, bias, decay, kind, groups)
-    edge = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
-    return LocalTerm(edge, post, decay, weight, bias, kind, groups, mean_scale(kind, output, reduction),
-                     correlation, decay_norm)
+    term = LocalTerm(weight, bias, kind, groups, mean_scale(kind, output, reduction), decay, correlation,
+                     decay_norm, {})
+    learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
+    if not learning or not output.requires_grad:
+        return term  # a frozen layer: its term has a value and no gradient
+    if post.numel() > weight.numel():
+        found = torch.autograd.grad([output], learning, [post], retain_graph=True)
+        term.hebbian = {id(p): g for p, g in zip(learning, found)}
+    else:
+        term.post, term.edge, term.output = post, torch.autograd.graph.get_gradient_edge(output), output
+    return term
 
 
-def local_loss(terms: Sequence[LocalTerm], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def local_loss(terms: Sequence[LocalTerm]) -> torch.Tensor:
     """The sum of ``terms`` as one scalar whose gradient w.r.t. each layer's weight and bias is minus
-    the rule's update. ``outputs`` are the terms' outputs z: inputs of the node (they get no
-    gradient), so that no layer's own backward node runs before this node's backward."""
+    the rule's update. The outputs z of the terms whose Hebbian half waits for the backward are inputs
+    of the node (they get no gradient from it), so that no layer's own backward node runs before it."""
     params: List[torch.Tensor] = []
     seen = set()
     for t in terms:
@@ -63,6 +81,7 @@ def local_loss(terms: Sequence[LocalTerm], outputs: Sequence[torch.Tensor]) -> t
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
+    outputs = [t.output for t in terms if t.output is not None]
     return _LocalSurrogates.apply(list(terms), len(outputs), *outputs, *params)
 
 
@@ -72,19 +91,20 @@ class _LocalSurrogates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, terms, n_outputs, *tensors):
         params = tensors[n_outputs:]
-        ctx.terms, ctx.n_outputs = terms, n_outputs
-        # saved, so that a weight or post changed in place before backward raises as autograd does
-        ctx.save_for_backward(*params, *(t.post for t in terms))
+        ctx.edges = [t.edge for t in terms if t.edge is not None]
+        for t in terms:
+            t.output = None  # being an input orders the node; the edge is enough to keep
+        ctx.terms, ctx.n_outputs, ctx.n_params = terms, n_outputs, len(params)
+        # saved, so that a weight or y changed in place before the backward raises as autograd does
+        ctx.save_for_backward(*params, *(t.post for t in terms if t.post is not None))
         return _total_value(terms)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        n_params = len(saved) - len(ctx.terms)
-        params = saved[:n_params]
+        params = ctx.saved_tensors[:ctx.n_params]
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[2 + ctx.n_outputs:]) if need]
-        grads = _parameter_grads(ctx.terms, wanted, grad)
+        grads = _parameter_grads(ctx.terms, ctx.edges, wanted, grad)
         return (None, None) + (None,) * ctx.n_outputs + tuple(grads.get(id(p)) for p in params)
 
 
@@ -100,34 +120,30 @@ def _total_value(terms: Sequence[LocalTerm]) -> torch.Tensor:
     return values.sum()
 
 
-def _parameter_grads(terms: Sequence[LocalTerm], wanted: Sequence[torch.Tensor], grad: torch.Tensor) -> dict:
-    """{id(param): grad * (-sum y x + S W)} for the ``wanted`` weights and biases, by one call of the
-    autograd engine over every term's edge. A term whose weight and bias belong to it alone, and whose
-    y is larger than its weight, goes in unscaled and its gradients are scaled afterwards, so that only
-    the smaller of y and the gradient is multiplied."""
+def _parameter_grads(terms: Sequence[LocalTerm], edges, wanted: Sequence[torch.Tensor], grad: torch.Tensor) -> dict:
+    """{id(param): grad * (-sum y x + S W)} for the ``wanted`` weights and biases."""
     if not wanted:
         return {}
     wanted_ids = {id(p) for p in wanted}
-    uses = Counter(id(p) for t in terms for p in (t.weight, t.bias) if p is not None)
     minus = grad.neg()
-    edges, grad_outputs, rescale = [], [], []
+    out: Dict[int, torch.Tensor] = {}
+
+    def add(key, g):
+        out[key] = g if key not in out else out[key].add_(g)
+
+    grad_outputs = []  # for the terms that kept y, in the order of their edges
     for t in terms:
-        if not any(p is not None and id(p) in wanted_ids for p in (t.weight, t.bias)):
-            continue
         factor = minus * t.scale if t.scale != 1.0 else minus
-        alone = all(uses[id(p)] == 1 for p in (t.weight, t.bias) if p is not None)
-        if alone and t.post.numel() > t.weight.numel():
-            grad_outputs.append(t.post)
-            rescale.append((t, factor))
-        else:
-            grad_outputs.append(t.post * factor)
-        edges.append(t.edge)
-    found = torch.autograd.grad(edges, list(wanted), grad_outputs, retain_graph=True)
-    out = {id(p): g for p, g in zip(wanted, found)}
-    for t, factor in rescale:
-        for p in (t.weight, t.bias):
-            if p is not None and id(p) in out:
-                out[id(p)].mul_(factor)
+        if t.post is not None:
+            grad_outputs.append(t.post * factor)  # y is the smaller here
+        for key, hebbian in t.hebbian.items():
+            if key in wanted_ids:
+                add(key, hebbian * factor)  # and here the weight
+    if edges:
+        waiting_ids = {id(q) for t in terms if t.post is not None for q in (t.weight, t.bias) if q is not None}
+        waiting = [p for p in wanted if id(p) in waiting_ids]
+        for p, g in zip(waiting, torch.autograd.grad(edges, waiting, grad_outputs, retain_graph=True)):
+            add(id(p), g)
     for t in terms:
         if t.decay is None:
             continue

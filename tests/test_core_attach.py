@@ -5,6 +5,7 @@ Every gradient is compared in float64 with tests/reference.py, fed the input and
 actually saw (captured by this file's own forward hooks).
 """
 import copy
+import weakref
 
 import pytest
 import timm.layers
@@ -100,8 +101,12 @@ def test_every_layer_gets_its_own_rule_update_and_inplace_relu_does_not_spoil_it
     plastic = hebbloss.attach(model, rule=rule, post=post)
     cap = Capture(model, names)
     model(_x())
-    # the recorded post is y(z) of conv1's output as it left the layer, before act1 changed it in place
-    torch.testing.assert_close(plastic.records["conv1"][0].post, post(cap.seen["conv1"][0][1]), rtol=0, atol=0)
+    for n in names:  # y is kept exactly where it is not larger than the weight (hebbloss/local.py)
+        record, weight = plastic.records[n][0], getattr(model, n).weight
+        if cap.seen[n][0][1].numel() > weight.numel():
+            assert record.post is None
+        else:
+            torch.testing.assert_close(record.post, post(cap.seen[n][0][1]), rtol=0, atol=0)
     plastic.loss().backward()
     for n in names:
         layer = getattr(model, n)
@@ -110,17 +115,26 @@ def test_every_layer_gets_its_own_rule_update_and_inplace_relu_does_not_spoil_it
     cap.remove()
 
 
-def test_inplace_relu_after_conv_with_identity_post():
-    """post=None makes y alias z; ReLU(inplace=True) right after the conv must not change the update."""
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1), nn.SiLU(inplace=True)).to(D)
+@pytest.mark.parametrize("model", [
+    # y larger than the weight: its update is taken in the hook, before the in-place op runs
+    nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1), nn.SiLU(inplace=True)),
+    # y smaller than the weight: y waits for the backward, so hebbloss must keep a copy of it
+    nn.Sequential(nn.Flatten(), nn.Linear(72, 8), nn.ReLU(inplace=True), nn.Linear(8, 9), nn.SiLU(inplace=True)),
+], ids=["conv", "linear"])
+def test_inplace_op_after_a_layer_with_identity_post(model):
+    """post=None makes y alias z; an in-place op right after the layer must not change the update."""
+    model = model.to(D)
+    names = [n for n, m in model.named_children() if isinstance(m, (nn.Conv2d, nn.Linear))]
     plastic = hebbloss.attach(model, rule="oja")
-    cap = Capture(model, ["0", "2"])
+    cap = Capture(model, names)
     model(_x())
-    for n in ("0", "2"):
-        torch.testing.assert_close(plastic.records[n][0].post, cap.seen[n][0][1], rtol=0, atol=0)
+    for n in names:
+        if plastic.records[n][0].post is not None:
+            torch.testing.assert_close(plastic.records[n][0].post, cap.seen[n][0][1], rtol=0, atol=0)
+    assert any(plastic.records[n][0].post is not None for n in names) == isinstance(model[1], nn.Linear)
     plastic.loss().backward()
-    for n in ("0", "2"):
-        _assert_grad_is_update(model[int(n)], _expected(model[int(n)], cap.seen[n], "oja", None))
+    for n in names:
+        _assert_grad_is_update(getattr(model, n), _expected(getattr(model, n), cap.seen[n], "oja", None))
 
 
 def test_post_that_modifies_the_output_in_place_is_refused():
@@ -261,13 +275,15 @@ def test_detach_input_false_keeps_the_model_graph_but_the_surrogate_stays_local(
 
 
 # --------------------------------------------------------------------------- one node for every recorded term
-# plastic.loss() is one autograd node whose backward runs every layer's own backward in one engine call
-# and scales either y (before) or the gradient (after), whichever is smaller (hebbloss/local.py).
+# plastic.loss() is one autograd node. A layer whose y is larger than its weight has its Hebbian half
+# sum y x computed in the forward hook and y let go; the others keep y and have theirs computed in the
+# node's backward, by one engine call for all of them. Either way the smaller of y and the gradient is
+# multiplied by the upstream gradient (hebbloss/local.py).
 
 
 class Wide(nn.Module):
-    """conv: y (2x4x9x9 = 648) larger than its weight (4x2x3x3 = 72): y goes in unscaled;
-    fc: y (2x3 = 6) smaller than its weight (3x4 = 12): y is scaled before the layer's backward."""
+    """conv: y (2x4x9x9 = 648) larger than its weight (4x2x3x3 = 72): computed in the forward hook;
+    fc: y (2x3 = 6) smaller than its weight (3x4 = 12): y waits for the backward."""
 
     def __init__(self):
         super().__init__()
@@ -285,8 +301,7 @@ def test_both_scalings_give_the_update_times_the_upstream_gradient(reduction, up
     plastic = hebbloss.attach(model, rule="oja", post=torch.tanh, reduction=reduction)
     cap = Capture(model, ["conv", "fc"])
     model(torch.randn(2, 2, 9, 9, dtype=D))
-    posts = {n: plastic.records[n][0].post.clone() for n in ("conv", "fc")}
-    assert posts["conv"].numel() > model.conv.weight.numel() and posts["fc"].numel() < model.fc.weight.numel()
+    assert plastic.records["conv"][0].post is None and plastic.records["fc"][0].post is not None
     (upstream * plastic.loss()).backward()
     for n, per in (("conv", 2 * 9 * 9), ("fc", 2)):
         layer = getattr(model, n)
@@ -319,15 +334,82 @@ def test_loss_value_of_layers_with_and_without_decay_is_the_sum_of_their_surroga
     cap.remove()
 
 
-def test_backward_leaves_the_recorded_post_signals_unchanged():
+def test_backward_leaves_a_kept_post_signal_unchanged():
     model = Wide().to(D)
     plastic = hebbloss.attach(model, rule="instar", post=torch.tanh)
     model(torch.randn(2, 2, 9, 9, dtype=D))
-    records = {n: plastic.records[n][0] for n in ("conv", "fc")}
-    before = {n: r.post.clone() for n, r in records.items()}
+    record = plastic.records["fc"][0]
+    before = record.post.clone()
     plastic.loss().backward()
-    for n, r in records.items():
-        assert torch.equal(r.post, before[n])
+    assert torch.equal(record.post, before)
+
+
+def test_a_post_signal_larger_than_the_weight_is_let_go_in_the_forward():
+    """Where y is larger than the weight, nothing of hebbloss holds it after the layer's hook."""
+    kept = {}
+
+    def post(z):
+        y = torch.tanh(z)
+        kept[z.shape[-1]] = weakref.ref(y)
+        return y
+
+    model = Wide().to(D)
+    plastic = hebbloss.attach(model, rule="oja", post=post)
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    assert kept[9]() is None        # conv: its update is already taken
+    assert kept[3]() is not None    # fc: y waits for the backward
+    plastic.loss().backward()
+
+
+def test_a_task_loss_and_a_retained_graph_through_a_layer_whose_update_was_taken_in_the_forward():
+    """The hook's own call of the layer's backward keeps its graph: a task loss through the same output
+    still reaches the weight, and a retained graph gives the update twice."""
+    model, x = Wide().to(D), torch.randn(2, 2, 9, 9, dtype=D)
+    plain = copy.deepcopy(model)
+    plain(x).sum().backward()
+    plastic = hebbloss.attach(model, rule="oja", post=torch.relu, targets="conv")
+    cap = Capture(model, ["conv"])
+    out = model(x)
+    assert plastic.records["conv"][0].post is None
+    (plastic.loss() + out.sum()).backward()
+    update = _expected(model.conv, cap.seen["conv"], "oja", torch.relu)
+    torch.testing.assert_close(model.conv.weight.grad, plain.conv.weight.grad - update[0], **TOL)
+    torch.testing.assert_close(model.conv.bias.grad, plain.conv.bias.grad - update[1], **TOL)
+    torch.testing.assert_close(model.fc.weight.grad, plain.fc.weight.grad, **TOL)
+    model.zero_grad(set_to_none=True)
+    cap.seen["conv"].clear()
+    model(x)
+    loss = plastic.loss()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    update = _expected(model.conv, cap.seen["conv"], "oja", torch.relu)
+    torch.testing.assert_close(model.conv.weight.grad, -2 * update[0], **TOL)
+    torch.testing.assert_close(model.conv.bias.grad, -2 * update[1], **TOL)
+    cap.remove()
+
+
+def test_a_layer_called_on_a_large_and_a_small_input_adds_both_kinds_of_term():
+    """One weight, two calls: the first y (2x3x8x8) is larger than the weight (3x3x3x3), the second
+    (1x3x2x2) smaller; the gradient is the sum of both updates."""
+    conv = nn.Conv2d(3, 3, 3, padding=1).to(D)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, big, small):
+            return self.conv(big).sum() + self.conv(small).sum()
+
+    model = Twice()
+    plastic = hebbloss.attach(model, rule="softhebb", post=torch.tanh)
+    cap = Capture(model, ["conv"])
+    model(torch.randn(2, 3, 8, 8, dtype=D), torch.randn(1, 3, 2, 2, dtype=D))
+    assert [r.post is None for r in plastic.records["conv"]] == [True, False]
+    (3.0 * plastic.loss()).backward()
+    for p, u in zip(hebbloss.layers.plastic_parameters(conv), _expected(conv, cap.seen["conv"], "softhebb", torch.tanh)):
+        torch.testing.assert_close(p.grad, -3.0 * u, **TOL)
+    cap.remove()
 
 
 def test_torch_autograd_grad_of_the_loss_is_the_update():

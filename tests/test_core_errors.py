@@ -271,6 +271,21 @@ def test_inf_or_nan_in_a_post_names_the_layer(bad):
     assert _no_hooks(model)
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_inf_or_nan_in_a_post_that_was_let_go_names_the_layer(bad):
+    """y (2x3x7x7) larger than the weight (3x2x3x3): its update is taken in the hook and y let go, so
+    the layer is found by its term <y, z>."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(147, 2)).to(D)
+    plastic = hebbloss.attach(model, rule="oja", overrides={"0": {"post": lambda z: z.clone().fill_(bad)}})
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    assert plastic.records["0"][0].post is None
+    snapshot = _records(plastic)
+    with pytest.raises(FloatingPointError, match=r"layer '0' produced NaN or Inf in its post signal"):
+        plastic.loss()
+    assert _records(plastic) == snapshot
+    plastic.remove()
+
+
 def test_a_failing_forward_leaves_no_records_of_earlier_layers():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     bad_post = {"1": {"post": lambda z: z[..., :1]}}  # wrong shape, raised at the second layer
