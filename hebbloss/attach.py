@@ -38,6 +38,7 @@ class Record:
     output: torch.Tensor
     post: Optional[torch.Tensor]
     term: LocalTerm
+    local: torch.Tensor  # the output the term's gradient starts from: ``output``, or its re-run on a detached input
 
 
 def _post_key(name: str) -> str:
@@ -122,7 +123,7 @@ class Plasticity(nn.Module):
         term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
         if term.post is not None and post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
             term.post = post.clone()  # y waits for the backward: an in-place op after the layer must not change it
-        return Record(output, term.post, term)
+        return Record(output, term.post, term, local)
 
     def loss(self) -> torch.Tensor:
         """Sum of the surrogate terms recorded since the last call, which it clears.
@@ -138,7 +139,7 @@ class Plasticity(nn.Module):
                 f"no forward pass of {self._model_name} was recorded since the last loss(): run model(x) with "
                 "gradients enabled (not under torch.no_grad() or torch.inference_mode()) before plastic.loss()"
             )
-        total = local_loss([r.term for r in recorded])
+        total = local_loss([r.term for r in recorded], [r.local for r in recorded if r.term.edge is not None])
         if not torch.isfinite(total):
             self._raise_non_finite()
         for recs in self.records.values():

@@ -47,7 +47,6 @@ class LocalTerm:
     post: Optional[torch.Tensor] = None      # y, kept for the backward where the Hebbian half waits for it
     edge: Optional[torch.autograd.graph.GradientEdge] = None  # for the same terms: where z enters the
     # layer's own backward, taken in the hook (an in-place op after the layer moves z's grad_fn)
-    output: Optional[torch.Tensor] = None    # z, until local_loss makes it an input of the node
 
 
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
@@ -66,14 +65,15 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
         found = torch.autograd.grad([output], learning, [post], retain_graph=True)
         term.hebbian = {id(p): g for p, g in zip(learning, found)}
     else:
-        term.post, term.edge, term.output = post, torch.autograd.graph.get_gradient_edge(output), output
+        term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
     return term
 
 
-def local_loss(terms: Sequence[LocalTerm]) -> torch.Tensor:
+def local_loss(terms: Sequence[LocalTerm], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum of ``terms`` as one scalar whose gradient w.r.t. each layer's weight and bias is minus
-    the rule's update. The outputs z of the terms whose Hebbian half waits for the backward are inputs
-    of the node (they get no gradient from it), so that no layer's own backward node runs before it."""
+    the rule's update. ``outputs``: the outputs z of the terms that kept y (those with an ``edge``), in
+    their order; inputs of the node (they get no gradient from it), so that no layer's own backward
+    node runs before it."""
     params: List[torch.Tensor] = []
     seen = set()
     for t in terms:
@@ -81,7 +81,6 @@ def local_loss(terms: Sequence[LocalTerm]) -> torch.Tensor:
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    outputs = [t.output for t in terms if t.output is not None]
     return _LocalSurrogates.apply(list(terms), len(outputs), *outputs, *params)
 
 
@@ -92,8 +91,6 @@ class _LocalSurrogates(torch.autograd.Function):
     def forward(ctx, terms, n_outputs, *tensors):
         params = tensors[n_outputs:]
         ctx.edges = [t.edge for t in terms if t.edge is not None]
-        for t in terms:
-            t.output = None  # being an input orders the node; the edge is enough to keep
         ctx.terms, ctx.n_outputs, ctx.n_params = terms, n_outputs, len(params)
         # saved, so that a weight or y changed in place before the backward raises as autograd does
         ctx.save_for_backward(*params, *(t.post for t in terms if t.post is not None))
