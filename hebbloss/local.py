@@ -106,8 +106,10 @@ class _LocalSurrogates(torch.autograd.Function):
 
 
 def _total_value(terms: Sequence[LocalTerm]) -> torch.Tensor:
-    """sum_r scale_r * (-<y_r, z_r> + decay_norm_r / 2), with a few operations for all the terms."""
-    values = torch.stack([t.correlation for t in terms]).neg_()
+    """sum_r scale_r * (-<y_r, z_r> + decay_norm_r / 2), with a few operations for all the terms; in
+    float32 at least (a layer under bfloat16 autocast gives a bfloat16 <y, z>)."""
+    values = torch.stack([t.correlation for t in terms])
+    values = values.to(torch.promote_types(values.dtype, torch.float32)).neg_()
     norms = [t.decay_norm for t in terms if t.decay_norm is not None]
     if norms:
         zero = norms[0].new_zeros(())

@@ -215,6 +215,27 @@ def test_cpu_autocast_bfloat16_is_the_rule_update_within_bfloat16_precision():
             torch.testing.assert_close(p.grad.double(), -u, rtol=0, atol=2e-2 * u.abs().max().item())
 
 
+@pytest.mark.parametrize("rule", ["hebb", "oja"])
+def test_loss_value_under_bfloat16_autocast_is_float32(rule):
+    """The layers compute in bfloat16; the loss is summed in float32 whether or not a rule has decay."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 16, 3))
+    plastic = hebbloss.attach(model, rule=rule, post=torch.tanh)
+    cap = Capture(model, ["0", "2"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 6, 6))
+        loss = plastic.loss()
+    assert loss.dtype == torch.float32
+    expected = torch.zeros((), dtype=D)
+    for n in ("0", "2"):
+        layer = model[int(n)]
+        z = cap.seen[n][0][1].to(D)
+        y = torch.tanh(cap.seen[n][0][1]).to(D)  # y as the layer's bfloat16 post signal
+        S = decay_coefficients(rule, y, z, channel_dim_of(layer) % z.dim())
+        expected += -(y * z).sum() + 0.5 * (S * unit_norms_sq(layer)).sum()
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-2, atol=2e-2)
+    cap.remove()
+
+
 # --------------------------------------------------------------------------- locality
 
 
