@@ -138,9 +138,9 @@ def _parameter_grads(terms: Sequence[LocalTerm], edges, wanted: Sequence[torch.T
         for key, hebbian in t.hebbian.items():
             if key in wanted_ids:
                 add(key, hebbian * factor)  # and here the weight
-    if edges:
-        waiting_ids = {id(q) for t in terms if t.post is not None for q in (t.weight, t.bias) if q is not None}
-        waiting = [p for p in wanted if id(p) in waiting_ids]
+    waiting_ids = {id(q) for t in terms if t.post is not None for q in (t.weight, t.bias) if q is not None}
+    waiting = [p for p in wanted if id(p) in waiting_ids]
+    if waiting:
         for p, g in zip(waiting, torch.autograd.grad(edges, waiting, grad_outputs, retain_graph=True)):
             add(id(p), g)
     for t in terms:
