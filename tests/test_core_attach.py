@@ -461,6 +461,19 @@ def test_frozen_weights_and_biases_get_no_gradient_and_the_others_theirs():
     cap.remove()
 
 
+def test_a_layer_frozen_between_its_forward_and_loss_gets_no_gradient():
+    """fc kept y for the backward but no longer learns when loss() is taken; conv still gets its update."""
+    model = Wide().to(D)
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
+    cap = Capture(model, ["conv"])
+    model(torch.randn(2, 2, 9, 9, dtype=D))
+    model.fc.requires_grad_(False)
+    plastic.loss().backward()
+    assert model.fc.weight.grad is None and model.fc.bias.grad is None
+    _assert_grad_is_update(model.conv, _expected(model.conv, cap.seen["conv"], "oja", torch.tanh))
+    cap.remove()
+
+
 def test_pruned_layer_called_twice_shares_its_bias_between_two_weights():
     """torch.nn.utils.prune recomputes weight = weight_orig * mask on every call: two weight tensors, one
     bias, both of whose terms must add up on the bias and on weight_orig."""
