@@ -31,14 +31,17 @@ Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 @dataclass
 class Record:
-    """What one call of a plastic layer left: its output z, its post signal y and its surrogate term.
-    ``post`` is None where the layer's Hebbian update was computed at once and y let go
-    (where y is larger than the weight; see :mod:`hebbloss.local`)."""
+    """What one call of a plastic layer left: its output z, its surrogate term, and its post signal y."""
 
     output: torch.Tensor
-    post: Optional[torch.Tensor]
     term: LocalTerm
     local: torch.Tensor  # the output the term's gradient starts from: ``output``, or its re-run on a detached input
+
+    @property
+    def post(self) -> Optional[torch.Tensor]:
+        """y; None where the layer's Hebbian update was computed at once and y let go (where y is
+        larger than the weight; see :mod:`hebbloss.local`)."""
+        return self.term.post
 
 
 def _post_key(name: str) -> str:
@@ -123,7 +126,7 @@ class Plasticity(nn.Module):
         term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
         if term.post is not None and post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
             term.post = post.clone()  # y waits for the backward: an in-place op after the layer must not change it
-        return Record(output, term.post, term, local)
+        return Record(output, term, local)
 
     def loss(self) -> torch.Tensor:
         """Sum of the surrogate terms recorded since the last call, which it clears.

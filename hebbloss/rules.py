@@ -88,7 +88,8 @@ class Oja(Rule):
         temporary, and a float32 error no larger than the plain sum's (tests/test_core_rules.py checks
         it; a norm over batch and positions together is much less accurate). Half-precision signals are
         reduced in float32. With one position per sample the plain sum is the faster."""
-        if post.dim() < 3 or channel_dim % post.dim() != 1 or not post.is_contiguous() or post[0, 0].numel() == 1:
+        if post.dim() < 3 or channel_dim % post.dim() != 1 or not post.is_contiguous() \
+                or post.numel() == post.shape[0] * post.shape[1]:
             return super().coefficients(post, output, channel_dim)
         dtype = torch.promote_types(post.dtype, torch.float32)
         return torch.linalg.vector_norm(post.flatten(2), dim=2, dtype=dtype).square_().sum(dim=0)
