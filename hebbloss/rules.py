@@ -9,39 +9,65 @@ A rule is therefore nothing more than the element-wise density ``s(y, z)`` whose
 samples and positions gives S_c (:meth:`Rule.coefficients`, which a rule may override to skip the
 density's temporary); :func:`hebbloss.surrogate_loss` does the rest.
 
-Write a new rule in a few lines::
+Write a new rule in a few lines; here S_c = sum |y|::
 
-    class Covariance(hebbloss.rules.Rule):
-        name = "my_rule"
+    class AbsDecay(hebbloss.rules.Rule):
+        name = "abs_decay"
         def decay(self, post, output):
             return post.abs()
+
+after which ``attach(model, rule="abs_decay")`` uses it. The registry of names:
+
+- a class is registered under the ``name`` written in its own class body; a subclass that only
+  inherits a name (``class MyOja(Oja): pass``) registers nothing, so ``"oja"`` keeps meaning
+  :class:`Oja` (pass ``rule=MyOja()`` or give the subclass a name of its own);
+- names are case-insensitive: they are stored in lower case, and :func:`get` and :func:`available`
+  agree on them;
+- a name already taken by another class is refused with an error, unless the class says
+  ``override=True``: ``class MyOja(Oja, override=True): name = "oja"``. Defining a class again under
+  the same module and qualified name (a re-run notebook cell, a reloaded module) replaces the old one;
+- a registered rule must define ``decay`` or ``coefficients``; one that defines neither is refused
+  when its class is defined, an unnamed one when :func:`get` (hence ``attach``) first sees it;
+- :func:`register` and :func:`unregister` do the same by hand (``register`` is what a class
+  definition calls); a refused registration leaves the registry as it was.
+
+The registry follows the pattern of timm's model registry (``timm/models/_registry.py``), which
+warns and overwrites on a clash; here a clash is an error unless asked for.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, Optional, Type, Union
 
 import torch
 
 _RULES: Dict[str, Type["Rule"]] = {}
+_NAME = re.compile(r"[a-z_][a-z0-9_\-]*")
 
 
 class Rule:
     """Base type of a local rule: ``decay(post, output)`` returns s(y, z) (or None for S = 0).
 
-    Subclasses with a ``name`` class attribute become available by that name in
-    :func:`get`, ``surrogate_loss(rule=...)`` and ``attach(rule=...)``.
+    A subclass that defines a ``name`` in its own class body becomes available by that name (in
+    lower case) in :func:`get`, ``surrogate_loss(rule=...)`` and ``attach(rule=...)``; a name that is
+    taken raises unless the class is defined with ``override=True`` (see the module docstring).
     """
 
     name: str = ""
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, override: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            _RULES[cls.name] = cls
+        if cls.__dict__.get("name"):
+            register(cls, override=override)
+        elif override:
+            raise TypeError(
+                f"rule class {cls.__qualname__} was given override=True but defines no name of its own; "
+                "write name = \"...\" in its class body (the name it replaces)"
+            )
 
     def decay(self, post: torch.Tensor, output: torch.Tensor) -> Optional[torch.Tensor]:
         """Element-wise decay density s(y, z), same shape as ``post``; None means S_c = 0."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing_decay(type(self)))
 
     def coefficients(self, post: torch.Tensor, output: torch.Tensor, channel_dim: int) -> Optional[torch.Tensor]:
         """S_c: the density summed over every dimension but ``channel_dim`` (None when S = 0).
@@ -54,6 +80,61 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _missing_decay(cls: type) -> str:
+    return (
+        f"rule class {cls.__qualname__} defines neither decay nor coefficients: implement "
+        "decay(self, post, output) returning the decay density s(y, z) with post's shape (or None "
+        "for no decay), or override coefficients(self, post, output, channel_dim) returning S_c"
+    )
+
+
+def _implemented(cls: type) -> bool:
+    return cls.decay is not Rule.decay or cls.coefficients is not Rule.coefficients
+
+
+def register(cls: Type[Rule], *, override: bool = False) -> Type[Rule]:
+    """Make rule class ``cls`` available under the name in its own class body, in lower case.
+
+    A name held by another class raises ValueError unless ``override=True``; a class defined again
+    under the same module and qualified name replaces its old self. Nothing is registered when
+    an error is raised. Returns ``cls``. A class definition calls this itself (see the module docstring).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Rule)) or cls is Rule:
+        raise TypeError(f"register takes a subclass of hebbloss.rules.Rule, got {cls!r}")
+    name = cls.__dict__.get("name")
+    if not name:
+        inherited = f" (it inherits {cls.name!r})" if cls.name else ""
+        raise ValueError(
+            f"rule class {cls.__qualname__} defines no name of its own{inherited}; write name = \"...\" in its class body"
+        )
+    if not isinstance(name, str) or not _NAME.fullmatch(name.lower()):
+        raise ValueError(
+            f"rule class {cls.__qualname__} has name {name!r}; a rule name is a letter or underscore "
+            "followed by letters, digits, '_' or '-'"
+        )
+    if not _implemented(cls):
+        raise TypeError(_missing_decay(cls))
+    key = name.lower()
+    old = _RULES.get(key)
+    same_class = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+    if old is not None and not same_class and not override:
+        raise ValueError(
+            f"rule name {key!r} is already taken by {old.__module__}.{old.__qualname__}; "
+            f"{cls.__module__}.{cls.__qualname__} cannot take it too: pick another name, or define it as "
+            f"class {cls.__name__}(..., override=True) to replace that rule"
+        )
+    _RULES[key] = cls
+    return cls
+
+
+def unregister(name: str) -> Type[Rule]:
+    """Remove the rule registered under ``name`` (any case) and return its class."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _RULES:
+        raise KeyError(f"no rule is registered as {name!r}; registered rules are {', '.join(available())}")
+    return _RULES.pop(key)
 
 
 class Hebb(Rule):
@@ -110,11 +191,13 @@ def available() -> list:
 
 
 def get(rule: Union[str, Rule]) -> Rule:
-    """Return a rule object from a name or a rule object; a clear error lists the valid names."""
-    if isinstance(rule, Rule):
-        return rule
-    if isinstance(rule, type) and issubclass(rule, Rule):
-        return rule()
+    """Return a rule object from a name (any case), a rule class or a rule object; a clear error
+    lists the valid names, or says what a rule class that defines neither decay nor coefficients lacks."""
+    cls = type(rule) if isinstance(rule, Rule) else rule
+    if isinstance(cls, type) and issubclass(cls, Rule):
+        if not _implemented(cls):
+            raise TypeError(_missing_decay(cls))
+        return rule if isinstance(rule, Rule) else cls()
     if isinstance(rule, str) and rule.lower() in _RULES:
         return _RULES[rule.lower()]()
     raise ValueError(
