@@ -1,10 +1,19 @@
 """attach under DistributedDataParallel: each rank's gradient is the average of the ranks' rule updates.
 
-Two CPU processes (gloo backend, loopback address only) train one step; the reference is the rule's
-update on each rank's own batch, computed in float64 by tests/reference.py and averaged here.
+Two CPU processes (gloo backend) train one step; the reference is the rule's update on each rank's own
+batch, computed in float64 by tests/reference.py and averaged here.
+
+Nothing here can race: the ranks meet through a file in the test's tmp_path (``file://``, no TCP port
+to pick), gloo talks over the loopback interface on ports the system assigns, and each worker sends
+plain numpy copies back (no tensor shared through a file descriptor that dies with the worker). A
+worker that fails sends its traceback, which the test shows.
 """
+import os
+import queue as queue_module
 import socket
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -18,6 +27,7 @@ import reference  # noqa: E402
 
 WORLD = 2
 LR = 0.01
+DEADLINE_S = 240  # for both workers to start (spawn imports torch and hebbloss), train one step and report
 
 
 def _model():
@@ -29,44 +39,88 @@ def _batch(rank):
     return torch.randn(3, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def _worker(rank, port, queue):
-    import hebbloss
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _loopback_interface():
+    """Name of the loopback network interface ("lo" on Linux, "lo0" on macOS), or None."""
     try:
-        model = _model()
-        plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
-        ddp = DDP(model)
-        optimizer = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
-        ddp(_batch(rank))
-        plastic.loss().backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        optimizer.step()
-        queue.put((rank, grads, [p.detach().clone() for p in model.parameters()]))
-    finally:
-        dist.destroy_process_group()
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((n for n in names if n.startswith("lo")), None)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, init_file, results):
+    try:
+        import hebbloss
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        try:
+            model = _model()
+            plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
+            ddp = DDP(model)
+            optimizer = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
+            ddp(_batch(rank))
+            plastic.loss().backward()
+            grads = [p.grad.numpy().copy() for p in model.parameters()]
+            optimizer.step()
+            weights = [p.detach().numpy().copy() for p in model.parameters()]
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, grads, weights, None))
+    except BaseException:
+        results.put((rank, None, None, traceback.format_exc()))
+        raise
 
 
-def test_ddp_averages_the_rule_updates_of_the_ranks():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this build")
+def _run_workers(tmp_path):
+    """{rank: (grads, weights)} as float64 tensors, once every worker has reported and exited."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "rendezvous"), results)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    results = dict((r, (g, w)) for r, g, w in (queue.get(timeout=100) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    reports, failures, silent = {}, {}, set()
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while len(reports) + len(failures) < WORLD:
+            try:
+                rank, grads, weights, error = results.get(timeout=1)
+            except queue_module.Empty:
+                for r, p in enumerate(procs):  # killed before it could report (a crash in C code, out of memory)
+                    if p.exitcode is not None and r not in reports and r not in failures:
+                        if r in silent:  # a report sent before exiting would have arrived by now
+                            failures[r] = f"exited with code {p.exitcode} without a report"
+                        silent.add(r)
+                if time.monotonic() > deadline:
+                    failures.update({r: f"no report within {DEADLINE_S} s" for r in range(WORLD) if r not in reports and r not in failures})
+                continue
+            if error is None:
+                reports[rank] = [torch.from_numpy(g) for g in grads], [torch.from_numpy(w) for w in weights]
+            else:
+                failures[rank] = error
+                deadline = min(deadline, time.monotonic() + 30)  # the other rank may wait on it in vain
+        if failures:
+            pytest.fail("\n".join(f"worker {r} failed: {failures[r]}" for r in sorted(failures)))
+        for r, p in enumerate(procs):
+            p.join(timeout=60)
+            assert p.exitcode == 0, f"worker {r} reported its results but exited with code {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        results.close()
+    return reports
+
+
+def test_ddp_averages_the_rule_updates_of_the_ranks(tmp_path, monkeypatch):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    interface = _loopback_interface()
+    if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)  # inherited by the spawned workers
+    results = _run_workers(tmp_path)
+    assert sorted(results) == list(range(WORLD))
 
     # reference: each rank's Oja update on its own batch, from what each layer saw, averaged over ranks
     model = _model()
