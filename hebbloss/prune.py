@@ -9,18 +9,20 @@ optimizer does to ``<name>_orig``; hebbloss rules update ``<name>_orig`` (masked
 
     hebbloss.prune.random_connections(model.conv2, amount=0.99, seed=0)
     hebbloss.prune.random_channel_pairs(model.conv3, amount=0.5, seed=0)
+
+Unit-norm filters after each step (``renormalize_filters``, ``renormalize_after_step``) are
+optimizer extras: their home is :mod:`hebbloss.optim`; they stay importable from here.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
-from torch.utils.hooks import RemovableHandle
 
-from . import layers, units
+from .optim import renormalize_after_step, renormalize_filters  # noqa: F401  (their home is hebbloss.optim)
 
 
 def _random_scores(shape, seed: Optional[int]) -> torch.Tensor:
@@ -108,29 +110,3 @@ def random_channel_pairs(module: nn.Module, amount: float, seed: Optional[int] =
     _check(module, name, amount, seed, 2)
     RandomChannelPairs.apply(module, name, float(amount), seed)
     return module
-
-
-@torch.no_grad()
-def renormalize_filters(module: nn.Module, norm: float = 1.0, eps: float = 1e-10) -> nn.Module:
-    """Rescale each output unit's effective weight to L2 norm ``norm`` (Miconi 2021's unit-norm
-    filters); pruned entries stay zero, and a unit whose every connection is pruned (norm 0) is left
-    as it is. Returns the module."""
-    param = layers.plastic_weight(module)
-    norms = units.unit_norms(module)
-    factor = torch.where(norms > eps, norm / norms.clamp_min(eps), torch.ones_like(norms))
-    param.mul_(units.per_unit(module, factor))
-    return module
-
-
-def renormalize_after_step(optimizer: torch.optim.Optimizer, modules: Iterable[nn.Module], norm: float = 1.0) -> RemovableHandle:
-    """Register a step post-hook on ``optimizer`` that calls :func:`renormalize_filters` on each
-    module after every ``optimizer.step()``; returns the removable handle."""
-    modules = list(modules)
-    for m in modules:
-        units.unit_norms(m)  # refuses unsupported layers now, not at the first step
-
-    def hook(opt, args, kwargs):
-        for m in modules:
-            renormalize_filters(m, norm)
-
-    return optimizer.register_step_post_hook(hook)

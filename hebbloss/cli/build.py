@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..attach import attach
-from .. import layers as layer_types
+from .. import layers as layer_types, optim
 from ..selection import name_matches, select_layers
 from .config import ConfigError
 
@@ -104,19 +104,14 @@ def _exact(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
-def param_groups(plastic, lr: float, layer_lr: Mapping[str, float]) -> List[Dict[str, Any]]:
-    """One optimizer param group per plastic layer; its lr is the last matching ``layer_lr`` pattern's, else ``lr``."""
-    for pattern in layer_lr:
-        if not any(name_matches(pattern, n) for n in plastic.layers):
-            raise ConfigError(f"layer_lr pattern {pattern!r} matches none of the plastic layers: {', '.join(plastic.layers)}")
-    groups = []
-    for name, module in plastic.layers.items():
-        rate = lr
-        for pattern, value in layer_lr.items():
-            if name_matches(pattern, name):
-                rate = float(value)
-        groups.append({"params": list(layer_types.plastic_parameters(module)), "lr": rate, "name": name})
-    return groups
+def _learning_rates(names, lr, cfg: Mapping[str, Any]) -> Dict[str, float]:
+    """``hebbloss.optim.learning_rates`` with the run's ``layer_lr`` patterns (a YAML file may give a
+    rate as '1e-3'); a bad rate or pattern is a ConfigError."""
+    try:
+        layer_lr = {pattern: float(value) for pattern, value in (cfg.get("layer_lr") or {}).items()}
+        return optim.learning_rates(names, lr, layer_lr)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def make_optimizer(kind: str, groups, lr: float) -> torch.optim.Optimizer:
@@ -177,12 +172,13 @@ def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[
     warmup = _warmup_steps(cfg, 0)
     chosen = select_layers(model, cfg.get("layers"))
     post, overrides = _post_with_overrides(chosen, get("post"))
+    rates = _learning_rates([n for n, _ in chosen], float(get("lr")), cfg)
     if cfg.get("prune"):
         _prune(chosen, float(cfg["prune"]), int(cfg.get("seed") or 0))
     plastic = attach(model, rule=get("rule"), post=post, targets=[_exact(n) for n, _ in chosen],
                                 overrides=overrides or None, reduction="mean")
     try:
-        optimizer = make_optimizer(get("optimizer"), param_groups(plastic, float(get("lr")), cfg.get("layer_lr") or {}), float(get("lr")))
+        optimizer = make_optimizer(get("optimizer"), optim.param_groups(plastic, rates), float(get("lr")))
     except Exception:
         plastic.remove()
         raise
@@ -256,19 +252,14 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
         if not keep:
             raise ConfigError(f"--layers {cfg['layers']} matches none of the plastic layers of {recipe.name}: {', '.join(recipe.layers)}")
         recipe.layers = keep
-    for pattern in cfg.get("layer_lr") or {}:
-        if not any(name_matches(pattern, n) for n in recipe.layers):
-            raise ConfigError(f"layer_lr pattern {pattern!r} matches none of the plastic layers: {', '.join(recipe.layers)}")
+    base = float(cfg["lr"]) if cfg.get("lr") is not None else {n: lay.lr for n, lay in recipe.layers.items()}
+    rates = _learning_rates(recipe.layers, base, cfg)
     for name, lay in recipe.layers.items():
         if cfg.get("rule") is not None:
             lay.rule = str(cfg["rule"])
         if cfg.get("post") is not None:
             lay.post = parse_post(cfg["post"], channel_dim=-1 if isinstance(model.get_submodule(name), nn.Linear) else 1)
-        if cfg.get("lr") is not None:
-            lay.lr = float(cfg["lr"])
-        for pattern, value in (cfg.get("layer_lr") or {}).items():
-            if name_matches(pattern, name):
-                lay.lr = float(value)
+        lay.lr = rates[name]
     plastic = recipe.attach(model)
     try:
         optimizer = recipe.optimizer(plastic)

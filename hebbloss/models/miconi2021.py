@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import prune
+from .. import optim, prune
 from ..competition import kwta_mask, triangle as triangle_fn
 from ..competition.kwta import adapt_thresholds
 from .blocks import Standardize
@@ -109,7 +109,7 @@ class Miconi2021(nn.Module):
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.01)
             if pruning[i] > 0:
                 prune.random_connections(conv, pruning[i], seed=None if seed is None else seed * 10 + i)
-            prune.renormalize_filters(conv)
+            optim.renormalize_filters(conv)
             act = HomeostaticTriangle(channels[i], k, HOMEOSTASIS, triangle)
             setattr(self, f"norm{i + 1}", Standardize())
             setattr(self, f"conv{i + 1}", conv)

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .. import prune, softhebb
+from .. import optim
 from ..attach import Plasticity, attach
 
 
@@ -68,16 +68,17 @@ class Recipe:
 
     def optimizer(self, plastic: Plasticity) -> torch.optim.SGD:
         """Plain SGD with one param group per layer at its learning rate, plus the recipe's step
-        hooks (filter renormalisation, SoftHebb scaling); the hooks live as long as the optimizer."""
+        hooks (filter renormalisation, SoftHebb scaling), all from ``hebbloss.optim``; the hooks
+        live as long as the optimizer."""
         missing = [n for n in self.layers if n not in plastic.layers]
         if missing:
             raise ValueError(f"recipe {self.name}: layers {missing} are not plastic in this handle; build it with recipe.attach(model)")
         chosen = {n: plastic.layers[n] for n in self.layers}
-        opt = torch.optim.SGD(softhebb.param_groups(chosen, {n: lay.lr for n, lay in self.layers.items()}), lr=0.0)
+        opt = torch.optim.SGD(optim.param_groups(chosen, {n: lay.lr for n, lay in self.layers.items()}), lr=0.0)
         if self.softhebb_power is not None:
-            softhebb.scale_updates(opt, chosen, power=self.softhebb_power)
+            optim.scale_updates(opt, chosen, power=self.softhebb_power)
         if self.renormalize:
-            prune.renormalize_after_step(opt, chosen.values())
+            optim.renormalize_after_step(opt, chosen.values())
         return opt
 
     def to_dict(self) -> dict:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .. import softhebb as extras
+from ..init import init_radius
 from ..competition import SoftWTA, Triangle
 from .recipe import LayerRecipe, Recipe
 
@@ -68,7 +68,7 @@ class SoftHebbNet(nn.Module):
         width = in_channels
         for i, b in enumerate(blocks, start=1):
             conv = nn.Conv2d(width, b.channels, b.kernel, padding=b.padding, padding_mode="reflect", bias=False)
-            extras.init_radius(conv, INIT_RADIUS, generator=generator)
+            init_radius(conv, INIT_RADIUS, generator=generator)
             setattr(self, f"bn{i}", nn.BatchNorm2d(width, affine=False))
             setattr(self, f"conv{i}", conv)
             setattr(self, f"act{i}", Triangle(b.power))
