@@ -4,7 +4,6 @@ grid of the first plastic layer's learned filters. Every file is written atomica
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_file
+from ..atomic import atomic_file, write_json
 
 RESULTS = "results.json"
 ACCURACY_PNG = "accuracy_per_layer.png"
@@ -45,21 +44,17 @@ def update_results(folder: Path, **sections: Any) -> Path:
     """Merge ``sections`` into the folder's results.json (written atomically) and return its path."""
     data = read_results(folder)
     data.update(sections)
-    path = Path(folder) / RESULTS
-    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default)
-    with atomic_file(path) as f:
-        f.write(text.encode())
-    return path
+    return write_json(Path(folder) / RESULTS, data, sort_keys=True, default=_json_default)
 
 
 def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    with atomic_file(path) as f:
-        f.write(buf.getvalue())
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
