@@ -278,3 +278,37 @@ def test_filter_images_of_linear_and_conv_layers():
     lin = nn.Linear(2 * 6 * 6, 7)
     assert torch.equal(filter_images(lin, (2, 6, 6)), lin.weight.detach().reshape(7, 2, 6, 6))
     assert filter_images(nn.Linear(10, 3), (1, 28, 28)).shape == (3, 1, 1, 10)
+
+
+# ------------------------------------------------------------------------------------------ traps of issue 11
+PROBE_ARGS = [a for a in TINY if a not in ("--warmup-steps", "0")]  # probe takes no training flags
+
+def test_missing_data_dir_is_refused_for_the_default_dataset(tmp_path, capsys):
+    out, missing = tmp_path / "run", tmp_path / "nonexistent"
+    err = run_failing(["run", "--data-dir", str(missing), "--limit", "50", "--epochs", "1", "--no-progress", "--out", str(out)], capsys)
+    assert f"{missing} is not a folder (it does not exist)" in err
+    assert not out.exists() and not missing.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "run", "probe"])
+def test_a_folder_that_is_not_a_results_folder_is_not_offered_for_resuming(tmp_path, capsys, command):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not ours")
+    before = snapshot(out)
+    args = PROBE_ARGS if command == "probe" else [*TINY, "--epochs", "1"]
+    err = run_failing([command, *args, "--out", str(out)], capsys)
+    assert f"results folder {out} already exists" in err and "--resume" not in err and "--run" not in err
+    assert "it has no config.yaml and no checkpoint.pt" in err and "choose another --out" in err
+    assert snapshot(out) == before
+
+
+def test_the_advice_for_an_existing_results_folder_works(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--max-steps", "1", "--out", str(out)]) == 0
+    err = run_failing(["train", *TINY, "--epochs", "2", "--out", str(out)], capsys)
+    assert f"hebbloss train --resume {out}" in err
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # the advice, followed, works
+    err = run_failing(["probe", *PROBE_ARGS, "--out", str(out)], capsys)
+    assert f"hebbloss probe --run {out}" in err and "--resume" not in err  # probe has no --resume
+    assert main(["probe", "--run", str(out), "--baselines", "none", "--no-progress"]) == 0
