@@ -156,6 +156,10 @@ def test_timm_model_with_rule_post_prune_and_layer_lr(tmp_path):
         assert abs(mask.float().mean().item() - 0.5) < 0.05, k
         assert (state["model"][k.replace("_mask", "_orig")] * mask == 0).sum() >= (mask == 0).sum()
     assert any(k.endswith("theta") for k in state["plastic"])
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # the defaults made explicit
+    assert (saved["rule"], saved["post"], saved["lr"], saved["optimizer"], saved["epochs"]) == ("oja", "kwta:2:0.5", 1e-3, "adam", 1)
     rows = json.loads((out / "results.json").read_text())["probe"]["rows"]  # a pruned model has its random twin
     assert {(r["network"], r["layer"]) for r in rows} == {("model", "layer1"), ("random", "layer1")}
 
@@ -312,3 +316,34 @@ def test_the_advice_for_an_existing_results_folder_works(tmp_path, capsys):
     err = run_failing(["probe", *PROBE_ARGS, "--out", str(out)], capsys)
     assert f"hebbloss probe --run {out}" in err and "--resume" not in err  # probe has no --resume
     assert main(["probe", "--run", str(out), "--baselines", "none", "--no-progress"]) == 0
+
+
+def test_config_yaml_holds_the_values_the_run_used_and_reproduces_it(tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--batch-size", "16", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    recipe = hebbloss.models.miconi2021(in_channels=1, channels=(4, 6, 8), pruning=False, seed=0).recipe  # the reference
+    assert saved["dataset"] == "tiny" and saved["epochs"] == 2 and saved["batch_size"] == 16 and saved["warmup_steps"] == 0
+    assert saved["rule"] == "instar" == recipe.layers["conv1"].rule
+    assert saved["lr"] == {n: lay.lr for n, lay in recipe.layers.items()}  # per layer: the recipe's rates differ
+    assert saved["post"] == {n: repr(lay.post) for n, lay in recipe.layers.items()}
+    assert json.loads((out / "results.json").read_text())["config"]["rule"] == "instar"
+    # the file, given back as a config, builds the same run; and --resume reads it
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
+    assert_same_weights(final_weights(again), final_weights(out))
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 3
+    assert checkpoint.load(out / "checkpoint.pt")["progress"]["epoch"] == 3
+
+
+def test_config_yaml_post_must_describe_the_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--max-steps", "1", "--out", str(out)]) == 0
+    text = (out / "config.yaml").read_text().replace("k=1", "k=2", 1)
+    (tmp_path / "edited.yaml").write_text(text)
+    err = run_failing(["train", "--config", str(tmp_path / "edited.yaml"), "--out", str(tmp_path / "new")], capsys)
+    assert "post of layer conv1" in err and "leave post unset" in err
+    assert not (tmp_path / "new").exists()

@@ -153,6 +153,8 @@ def train(args, then_probe: bool = False) -> int:
     epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
     if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
         raise ConfigError(f"--max-steps {cfg['max_steps']}: must be a positive number of steps")
+    # what this run uses, the defaults made explicit (building from it again gives the same run)
+    cfg = {**build.explicit_settings(cfg, built), "dataset": cfg.get("dataset") or _default_dataset(), "epochs": epochs}
     # All checks passed: from here on files are written.
     folder.mkdir(parents=True, exist_ok=True)
     config.write(folder / CONFIG, cfg)
@@ -218,6 +220,7 @@ def probe(args) -> int:
 
         first = select_layers(model, cfg.get("layers"))[0]
         prepare = _preprocess(cfg, ds)
+        cfg["dataset"] = cfg.get("dataset") or _default_dataset()
         folder.mkdir(parents=True, exist_ok=True)
         config.write(folder / CONFIG, cfg)
         report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
