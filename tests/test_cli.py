@@ -347,3 +347,34 @@ def test_config_yaml_post_must_describe_the_recipe(tmp_path, capsys):
     err = run_failing(["train", "--config", str(tmp_path / "edited.yaml"), "--out", str(tmp_path / "new")], capsys)
     assert "post of layer conv1" in err and "leave post unset" in err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_filters_plot_has_a_shared_symmetric_scale_a_colour_bar_and_readable_tiles(tmp_path, monkeypatch, in_channels):
+    import math
+
+    import numpy as np
+    from torch import nn
+
+    from hebbloss.cli import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 32, 5)
+    report.plot_filters(conv, tmp_path / "f.png", (in_channels, 28, 28), title="conv1: learned filters")
+    (fig,) = figures
+    assert len(fig.axes) == 2  # the filters and their colour bar
+    scale = conv.weight.detach().abs().max().item()
+    colour_bar = fig.axes[1]
+    assert colour_bar.get_ylim() == pytest.approx((-scale, scale), rel=1e-5)  # symmetric: 0 in the middle
+    width_px = fig.get_size_inches()[0] * fig.dpi
+    assert width_px / math.ceil(math.sqrt(32)) >= 60  # each tile at least 60 pixels wide (at the figure's own dpi; saved at more)
+    assert "conv1: learned filters" in fig.axes[0].get_title()
+    if in_channels == 1:  # the image holds the weights themselves on the shared scale, not each filter rescaled
+        shown = np.asarray(fig.axes[0].images[0].get_array(), dtype=np.float64)
+        values = np.sort(shown[np.isfinite(shown)])
+        assert np.allclose(values, np.sort(conv.weight.detach().double().numpy().ravel()))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
