@@ -133,7 +133,7 @@ def plot_filters(module: nn.Module, path: Path, image_shape, title: str = "", ma
     """The layer's filters (:func:`filter_images`) on one symmetric colour scale with its colour bar, so
     that filters can be compared and 0 is always the same colour: one-channel filters in a diverging
     map (red positive, blue negative), RGB filters as colour images (grey = 0), rows that are not
-    images as a units x inputs matrix. Tiles are about half an inch each, in a near-square grid."""
+    images as a units x inputs matrix. Tiles of up to an inch each, in a near-square grid."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
