@@ -378,3 +378,30 @@ def test_filters_plot_has_a_shared_symmetric_scale_a_colour_bar_and_readable_til
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_library_messages_name_no_command_line_flag():
+    """Only hebbloss/cli/ speaks of flags: a library error is read by users who never ran the command."""
+    import ast
+    import pathlib
+    import re
+
+    import hebbloss
+    from hebbloss.cli.main import build_parser
+
+    parser = build_parser()
+    flags = {opt for sub in parser._subparsers._group_actions[0].choices.values() for a in sub._actions
+             for opt in a.option_strings if opt.startswith("--") and opt != "--help"}
+    assert {"--resume", "--data-dir", "--max-steps"} <= flags
+    root = pathlib.Path(hebbloss.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found += [f"{path.relative_to(root)}:{node.lineno}: {flag}" for flag in flags
+                          if re.search(re.escape(flag) + r"(?![\w-])", node.value)]
+    assert not found, found
