@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from hebbloss import feedback as fb  # noqa: E402
 
-import atomic  # noqa: E402  (benchmarks/atomic.py)
+from hebbloss import atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "feedback.json"
 DOCS = ROOT / "docs" / "feedback.md"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import atomic  # benchmarks/atomic.py
+from hebbloss import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pipeline.json"

@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hebbloss  # noqa: E402
 
-import atomic  # noqa: E402  (benchmarks/atomic.py)
+from hebbloss import atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 LR = 1e-9  # small enough that Oja stays stable (lr * S_c << 2) for any number of timed steps

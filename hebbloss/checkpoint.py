@@ -4,26 +4,30 @@ A training run is fully described by the model's ``state_dict`` (pruning masks i
 :class:`hebbloss.Plasticity` handle's ``state_dict`` (k-WTA thresholds and other post-signal
 state), the optimizer's ``state_dict``, the random number generators (torch's global one, Python's,
 and the generator that orders the data) and the position in training (epoch, step). With all of it
-saved, ``--resume`` continues bit-for-bit as if the run had never stopped (Miconi 2021 recipes
+saved, a resumed run continues bit-for-bit as if it had never stopped (Miconi 2021 recipes
 train for many epochs; an interrupted run should not have to start over).
 
-Files are written to a temporary file in the same folder, flushed to disk (fsync) and renamed over
-the target with :func:`os.replace`, so a crash leaves either the old file or the new one, never half.
+Files are written with :func:`hebbloss.atomic.atomic_file` (a temporary file, fsync, rename), so a
+crash leaves either the old file or the new one, never half. The state is stored with the SHA-256
+digest of its bytes, so a file damaged on disk or in transfer is refused as corrupt instead of
+loading wrong numbers.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import io
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from .atomic import atomic_file  # noqa: F401  (its home is hebbloss.atomic; kept importable from here)
+
 FORMAT = "hebbloss-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the state is stored with its SHA-256 digest; 1: the state alone (still read)
 PathLike = Union[str, os.PathLike]
 
 
@@ -31,63 +35,64 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""
 
 
-@contextlib.contextmanager
-def atomic_file(path: PathLike) -> Iterator[Any]:
-    """Open a binary temporary file next to ``path``; on success it is fsynced and renamed to ``path``.
+def save(path: PathLike, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` (a dict of tensors, numbers, strings, lists) atomically to ``path``.
 
-    On any exception the temporary file is deleted and ``path`` is left exactly as it was.
+    The state is serialised with :func:`torch.save` and stored, with the SHA-256 digest of those bytes,
+    in a file that :func:`torch.load` can still open (format version 2); :func:`load` checks the digest.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def save(path: PathLike, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` (a dict of tensors, numbers, strings, lists) atomically to ``path`` with torch.save."""
-    path = Path(path)
-    payload = {"format": FORMAT, "version": VERSION, **state}
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    payload = buffer.getbuffer()
+    wrapper = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
     with atomic_file(path) as f:
-        torch.save(payload, f)
+        torch.save(wrapper, f)
     return path
 
 
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is corrupt ({why}) and cannot be used. Nothing was changed; restore the file "
+        "from a backup, or start the training again without it."
+    )
+
+
 def load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint written by :func:`save`; a missing, truncated or foreign file raises
-    :class:`CheckpointError` (or FileNotFoundError) naming the file and what to do."""
+    """Read a checkpoint written by :func:`save` and return its state; a missing file raises
+    FileNotFoundError, a truncated, damaged (checksum mismatch) or foreign one :class:`CheckpointError`,
+    each naming the file and what to do. Version-1 files (written before checksums) still load."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or start without --resume")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or start the training afresh")
+    state = _read(path, path, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a hebbloss checkpoint (no '{FORMAT}' marker); pass a file written by hebbloss")
+    version = state.get("version")
+    if version == 1 and not {"sha256", "payload"} & set(state):
+        return state  # written before checksums: nothing to verify
+    if isinstance(version, int) and version > VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this hebbloss reads up to {VERSION}: upgrade hebbloss")
+    if version != VERSION or not isinstance(state.get("sha256"), str) or not isinstance(state.get("payload"), torch.Tensor):
+        raise _corrupt(path, "its header is damaged")
+    payload = state["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != state["sha256"]:
+        raise _corrupt(path, "checksum mismatch")
+    inner = _read(io.BytesIO(payload), path, map_location)
+    if not isinstance(inner, dict) or inner.get("format") != FORMAT or inner.get("version") != VERSION:
+        raise _corrupt(path, "its content has no checkpoint marker")
+    return inner
+
+
+def _read(source, path: Path, map_location) -> Any:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # zip reader, unpickler and EOF errors all mean the same thing here
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). "
-            "Nothing was changed; restore the file from a backup, or start the run again without --resume."
+            "Nothing was changed; restore the file from a backup, or start the training again without it."
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a hebbloss checkpoint (no '{FORMAT}' marker); pass a file written by hebbloss")
-    if state.get("version", 0) > VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {state['version']}; this hebbloss reads up to {VERSION}: upgrade hebbloss")
-    return state
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:

@@ -122,3 +122,55 @@ def test_mismatching_checkpoint_changes_nothing(tmp_path):
         checkpoint.restore_training_state(checkpoint.load(tmp_path / "c.pt"), other)
     for k, v in other.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def _flip(path, position):
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_weights_are_refused_as_corrupt(tmp_path):
+    path = tmp_path / "c.pt"
+    weights = torch.arange(512, dtype=torch.float64) / 7  # written plainly: their bytes appear verbatim in the file
+    checkpoint.save(path, {"w": weights})
+    at = path.read_bytes().find(weights.numpy().tobytes())
+    assert at > 0
+    _flip(path, at + 2001)  # one byte in the middle of the weights: still a well-formed file
+    with pytest.raises(checkpoint.CheckpointError, match=r"c\.pt is corrupt \(checksum mismatch\)"):
+        checkpoint.load(path)
+
+
+def test_any_single_flipped_byte_is_refused_or_harmless(tmp_path):
+    """Every position of a small checkpoint: the load raises CheckpointError, or (a byte the reader
+    never uses, e.g. zip padding) returns exactly what was saved; never other numbers."""
+    path = tmp_path / "c.pt"
+    state = {"w": torch.linspace(-1, 1, 24).reshape(4, 6), "step": 3, "name": "run"}
+    checkpoint.save(path, state)
+    original = path.read_bytes()
+    for position in range(0, len(original), 3):
+        path.write_bytes(original)
+        _flip(path, position)
+        try:
+            loaded = checkpoint.load(path)
+        except checkpoint.CheckpointError:
+            continue
+        assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3 and loaded["name"] == "run", position
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Checkpoints written before checksums: the state itself, marked version 1 (the format before version 2 added the digest)."""
+    path = tmp_path / "old.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": 1, "w": torch.ones(3), "progress": {"epoch": 2}}, path)
+    state = checkpoint.load(path)
+    assert torch.equal(state["w"], torch.ones(3)) and state["progress"] == {"epoch": 2}
+
+
+def test_library_errors_do_not_name_command_line_flags(tmp_path):
+    with pytest.raises(FileNotFoundError) as missing:
+        checkpoint.load(tmp_path / "nothere.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError) as bad:
+        checkpoint.load(tmp_path / "bad.pt")
+    for e in (missing, bad):
+        assert "--" not in str(e.value)

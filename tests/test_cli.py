@@ -156,6 +156,10 @@ def test_timm_model_with_rule_post_prune_and_layer_lr(tmp_path):
         assert abs(mask.float().mean().item() - 0.5) < 0.05, k
         assert (state["model"][k.replace("_mask", "_orig")] * mask == 0).sum() >= (mask == 0).sum()
     assert any(k.endswith("theta") for k in state["plastic"])
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # the defaults made explicit
+    assert (saved["rule"], saved["post"], saved["lr"], saved["optimizer"], saved["epochs"]) == ("oja", "kwta:2:0.5", 1e-3, "adam", 1)
     rows = json.loads((out / "results.json").read_text())["probe"]["rows"]  # a pruned model has its random twin
     assert {(r["network"], r["layer"]) for r in rows} == {("model", "layer1"), ("random", "layer1")}
 
@@ -278,3 +282,126 @@ def test_filter_images_of_linear_and_conv_layers():
     lin = nn.Linear(2 * 6 * 6, 7)
     assert torch.equal(filter_images(lin, (2, 6, 6)), lin.weight.detach().reshape(7, 2, 6, 6))
     assert filter_images(nn.Linear(10, 3), (1, 28, 28)).shape == (3, 1, 1, 10)
+
+
+# ------------------------------------------------------------------------------------------ traps of issue 11
+PROBE_ARGS = [a for a in TINY if a not in ("--warmup-steps", "0")]  # probe takes no training flags
+
+def test_missing_data_dir_is_refused_for_the_default_dataset(tmp_path, capsys):
+    out, missing = tmp_path / "run", tmp_path / "nonexistent"
+    err = run_failing(["run", "--data-dir", str(missing), "--limit", "50", "--epochs", "1", "--no-progress", "--out", str(out)], capsys)
+    assert f"{missing} is not a folder (it does not exist)" in err
+    assert not out.exists() and not missing.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "run", "probe"])
+def test_a_folder_that_is_not_a_results_folder_is_not_offered_for_resuming(tmp_path, capsys, command):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not ours")
+    before = snapshot(out)
+    args = PROBE_ARGS if command == "probe" else [*TINY, "--epochs", "1"]
+    err = run_failing([command, *args, "--out", str(out)], capsys)
+    assert f"results folder {out} already exists" in err and "--resume" not in err and "--run" not in err
+    assert "it has no config.yaml and no checkpoint.pt" in err and "choose another --out" in err
+    assert snapshot(out) == before
+
+
+def test_the_advice_for_an_existing_results_folder_works(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--max-steps", "1", "--out", str(out)]) == 0
+    err = run_failing(["train", *TINY, "--epochs", "2", "--out", str(out)], capsys)
+    assert f"hebbloss train --resume {out}" in err
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # the advice, followed, works
+    err = run_failing(["probe", *PROBE_ARGS, "--out", str(out)], capsys)
+    assert f"hebbloss probe --run {out}" in err and "--resume" not in err  # probe has no --resume
+    assert main(["probe", "--run", str(out), "--baselines", "none", "--no-progress"]) == 0
+
+
+def test_config_yaml_holds_the_values_the_run_used_and_reproduces_it(tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--batch-size", "16", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    recipe = hebbloss.models.miconi2021(in_channels=1, channels=(4, 6, 8), pruning=False, seed=0).recipe  # the reference
+    assert saved["dataset"] == "tiny" and saved["epochs"] == 2 and saved["batch_size"] == 16 and saved["warmup_steps"] == 0
+    assert saved["rule"] == "instar" == recipe.layers["conv1"].rule
+    assert saved["lr"] == {n: lay.lr for n, lay in recipe.layers.items()}  # per layer: the recipe's rates differ
+    assert saved["post"] == {n: repr(lay.post) for n, lay in recipe.layers.items()}
+    assert json.loads((out / "results.json").read_text())["config"]["rule"] == "instar"
+    # the file, given back as a config, builds the same run; and --resume reads it
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
+    assert_same_weights(final_weights(again), final_weights(out))
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 3
+    assert checkpoint.load(out / "checkpoint.pt")["progress"]["epoch"] == 3
+
+
+def test_config_yaml_post_must_describe_the_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--max-steps", "1", "--out", str(out)]) == 0
+    text = (out / "config.yaml").read_text().replace("k=1", "k=2", 1)
+    (tmp_path / "edited.yaml").write_text(text)
+    err = run_failing(["train", "--config", str(tmp_path / "edited.yaml"), "--out", str(tmp_path / "new")], capsys)
+    assert "post of layer conv1" in err and "leave post unset" in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_filters_plot_has_a_shared_symmetric_scale_a_colour_bar_and_readable_tiles(tmp_path, monkeypatch, in_channels):
+    import math
+
+    import numpy as np
+    from torch import nn
+
+    from hebbloss.cli import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 32, 5)
+    report.plot_filters(conv, tmp_path / "f.png", (in_channels, 28, 28), title="conv1: learned filters")
+    (fig,) = figures
+    assert len(fig.axes) == 2  # the filters and their colour bar
+    scale = conv.weight.detach().abs().max().item()
+    colour_bar = fig.axes[1]
+    assert colour_bar.get_ylim() == pytest.approx((-scale, scale), rel=1e-5)  # symmetric: 0 in the middle
+    width_px = fig.get_size_inches()[0] * fig.dpi
+    assert width_px / math.ceil(math.sqrt(32)) >= 60  # each tile at least 60 pixels wide (at the figure's own dpi; saved at more)
+    assert "conv1: learned filters" in fig.axes[0].get_title()
+    if in_channels == 1:  # the image holds the weights themselves on the shared scale, not each filter rescaled
+        shown = np.asarray(fig.axes[0].images[0].get_array(), dtype=np.float64)
+        values = np.sort(shown[np.isfinite(shown)])
+        assert np.allclose(values, np.sort(conv.weight.detach().double().numpy().ravel()))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_library_messages_name_no_command_line_flag():
+    """Only hebbloss/cli/ speaks of flags: a library error is read by users who never ran the command."""
+    import ast
+    import pathlib
+    import re
+
+    import hebbloss
+    from hebbloss.cli.main import build_parser
+
+    parser = build_parser()
+    flags = {opt for sub in parser._subparsers._group_actions[0].choices.values() for a in sub._actions
+             for opt in a.option_strings if opt.startswith("--") and opt != "--help"}
+    assert {"--resume", "--data-dir", "--max-steps"} <= flags
+    root = pathlib.Path(hebbloss.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found += [f"{path.relative_to(root)}:{node.lineno}: {flag}" for flag in flags
+                          if re.search(re.escape(flag) + r"(?![\w-])", node.value)]
+    assert not found, found

@@ -204,3 +204,15 @@ def test_corrupt_image_is_named(tmp_path):
     (root / "train" / "x" / "1.jpg").write_bytes(b"\xff\xd8\xff" + b"garbage" * 10)
     with pytest.raises(ValueError, match="1.jpg"):
         load_dataset("cifar10", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["mnist-mini", "mnist", "cifar10"])
+def test_data_dir_that_does_not_exist_is_refused_for_every_dataset(tmp_path, name, monkeypatch):
+    monkeypatch.delenv("HEBBLOSS_DATA", raising=False)
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(DatasetMissing, match=f"data_dir {missing} is not a folder \\(it does not exist\\)"):
+        load_dataset(name, data_dir=missing, cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("HEBBLOSS_DATA", str(missing))
+    with pytest.raises(DatasetMissing, match=r"\$HEBBLOSS_DATA"):
+        load_dataset(name, cache_dir=tmp_path / "cache")
+    assert not missing.exists() and not (tmp_path / "cache").exists()  # nothing was created or cached

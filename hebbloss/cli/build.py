@@ -168,6 +168,10 @@ def _probe_layers(cfg: Mapping[str, Any], default) -> Optional[List[str]]:
 
 def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[str]) -> Built:
     """Any model: one rule for its plastic layers, a post signal, optional pruning, per-layer rates."""
+    for key in ("rule", "post", "lr"):
+        if isinstance(cfg.get(key), Mapping):
+            raise ConfigError(f"{key}: one value per layer applies to reference networks (their recipe) only; give "
+                              f"{cfg.get('model')} a single {key}" + (" and per-layer rates with layer_lr" if key == "lr" else ""))
     get = lambda k: cfg.get(k) if cfg.get(k) is not None else GENERIC_DEFAULTS[k]  # noqa: E731
     warmup = _warmup_steps(cfg, 0)
     chosen = select_layers(model, cfg.get("layers"))
@@ -238,6 +242,43 @@ def _warmup_steps(cfg: Mapping[str, Any], default: int) -> int:
     return value
 
 
+def _as_rate(value: Any, layer: str) -> float:
+    """A learning rate read from the settings (YAML may give '1e-3' as text); a ConfigError if it is no number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"the learning rate of layer {layer} must be a number, got {value!r}") from None
+
+
+def _per_layer(value: Any, layers: Mapping[str, Any], key: str) -> Dict[str, Any]:
+    """``{layer: value}`` for one setting: the same value for every layer, or a ``{layer: value}`` mapping
+    (as config.yaml records a recipe's per-layer values) that must name exactly the plastic layers."""
+    if not isinstance(value, Mapping):
+        return {name: value for name in layers}
+    if set(value) != set(layers):
+        raise ConfigError(f"{key} gives values for layers {', '.join(map(str, value))} but the plastic layers are "
+                          f"{', '.join(layers)}; give one value, or one per plastic layer")
+    return dict(value)
+
+
+def explicit_settings(cfg: Mapping[str, Any], built: Built) -> Dict[str, Any]:
+    """``cfg`` with the values the run actually uses written in for those left to the recipe or the
+    defaults: batch size, warm-up steps, and the plastic layers' rule, post signal and learning rate
+    (one value, or ``{layer: value}`` where a reference network's recipe sets them per layer; a recipe's
+    post signals by their description). Building from the result gives the same run."""
+    out = dict(cfg, batch_size=built.batch_size, warmup_steps=built.warmup_steps)
+    if "recipe" not in built.description:
+        out.update({key: built.description[key] for key in ("rule", "post", "lr", "optimizer")})
+        return out
+    layers = built.description["recipe"]["layers"]
+    for key in ("rule", "lr"):
+        values = {name: lay[key] for name, lay in layers.items()}
+        out[key] = next(iter(values.values())) if len(set(values.values())) == 1 else values
+    if cfg.get("post") is None:
+        out["post"] = {name: lay["post"] for name, lay in layers.items()}
+    return out
+
+
 def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_default: List[str]) -> Built:
     """A reference network trained by its recipe (rules, post signals, per-layer rates, SGD and step hooks),
     with --layers, --rule, --post, --lr and --layer-lr applied on a copy of the recipe."""
@@ -252,13 +293,20 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
         if not keep:
             raise ConfigError(f"--layers {cfg['layers']} matches none of the plastic layers of {recipe.name}: {', '.join(recipe.layers)}")
         recipe.layers = keep
-    base = float(cfg["lr"]) if cfg.get("lr") is not None else {n: lay.lr for n, lay in recipe.layers.items()}
+    rules, posts, lrs = (_per_layer(cfg.get(key), recipe.layers, key) for key in ("rule", "post", "lr"))
+    base = {n: (lay.lr if lrs[n] is None else _as_rate(lrs[n], n)) for n, lay in recipe.layers.items()}
     rates = _learning_rates(recipe.layers, base, cfg)
     for name, lay in recipe.layers.items():
-        if cfg.get("rule") is not None:
-            lay.rule = str(cfg["rule"])
-        if cfg.get("post") is not None:
-            lay.post = parse_post(cfg["post"], channel_dim=-1 if isinstance(model.get_submodule(name), nn.Linear) else 1)
+        if rules[name] is not None:
+            lay.rule = str(rules[name])
+        if isinstance(cfg.get("post"), Mapping):  # the recipe's own post signals, as config.yaml describes them
+            if str(posts[name]) != repr(lay.post):
+                raise ConfigError(
+                    f"post of layer {name}: the settings say {posts[name]!r} but {recipe.name}'s recipe uses {lay.post!r}; "
+                    "a recipe's post signal cannot be rebuilt from its description: leave post unset for the recipe's, "
+                    "or give one of identity, relu, kwta:K, softwta:BETA")
+        elif posts[name] is not None:
+            lay.post = parse_post(posts[name], channel_dim=-1 if isinstance(model.get_submodule(name), nn.Linear) else 1)
         lay.lr = rates[name]
     plastic = recipe.attach(model)
     try:

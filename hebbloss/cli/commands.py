@@ -39,8 +39,9 @@ def _flags(args) -> Dict[str, Any]:
     return flags
 
 
-def _new_folder(cfg: Dict[str, Any]) -> Path:
-    """The results folder of a new run; refuses one that already holds files."""
+def _new_folder(cfg: Dict[str, Any], command: str) -> Path:
+    """The results folder of a new run; refuses one that already holds files, saying how to continue it
+    (``--resume``, ``probe --run``) only when it is a results folder those accept."""
     if cfg.get("out"):
         folder = Path(cfg["out"])
     else:
@@ -51,10 +52,16 @@ def _new_folder(cfg: Dict[str, Any]) -> Path:
         ])
         folder = Path(RESULTS_ROOT) / name
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ConfigError(
-            f"results folder {folder} already exists and is not empty; nothing was overwritten. Continue it with "
-            f"--resume {folder}, or choose another --out or --name"
-        )
+        trained = (folder / CONFIG).is_file() and (folder / CHECKPOINT).is_file()
+        if trained and command == "probe":
+            advice = f"probe that trained run with: hebbloss probe --run {folder}, or choose another --out or --name"
+        elif trained:
+            advice = f"continue that run with: hebbloss {command} --resume {folder}, or choose another --out or --name"
+        else:
+            missing = " and no ".join(n for n in (CONFIG, CHECKPOINT) if not (folder / n).is_file())
+            what = "is not a folder" if not folder.is_dir() else f"is not the results folder of a trained run (it has no {missing})"
+            advice = f"it {what}, so it cannot be resumed: choose another --out or --name, or empty it first"
+        raise ConfigError(f"results folder {folder} already exists and is not empty; nothing was overwritten. {advice[0].upper()}{advice[1:]}")
     return folder
 
 
@@ -133,7 +140,7 @@ def train(args, then_probe: bool = False) -> int:
         saved = checkpoint.load(ckpt_path)
     else:
         cfg = build.resolve_model(config.merge(flags))
-        folder = _new_folder(cfg)
+        folder = _new_folder(cfg, args.command)
         ckpt_path = folder / CHECKPOINT
     ds = _load_data(cfg)
     built = _build(cfg, ds)
@@ -146,6 +153,8 @@ def train(args, then_probe: bool = False) -> int:
     epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
     if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
         raise ConfigError(f"--max-steps {cfg['max_steps']}: must be a positive number of steps")
+    # what this run uses, the defaults made explicit (building from it again gives the same run)
+    cfg = {**build.explicit_settings(cfg, built), "dataset": cfg.get("dataset") or _default_dataset(), "epochs": epochs}
     # All checks passed: from here on files are written.
     folder.mkdir(parents=True, exist_ok=True)
     config.write(folder / CONFIG, cfg)
@@ -200,7 +209,7 @@ def probe(args) -> int:
         model, probe_layers, first = built.model, built.probe_layers, _first_layer(built)
     else:
         cfg = build.resolve_model(config.merge(flags))
-        folder = _new_folder(cfg)
+        folder = _new_folder(cfg, "probe")
         ds = _load_data(cfg)
         _seed(int(cfg.get("seed") or 0))
         model, probe_default, _ = build.create_model(cfg, tuple(ds.train_images.shape[1:]), ds.name)
@@ -211,6 +220,7 @@ def probe(args) -> int:
 
         first = select_layers(model, cfg.get("layers"))[0]
         prepare = _preprocess(cfg, ds)
+        cfg["dataset"] = cfg.get("dataset") or _default_dataset()
         folder.mkdir(parents=True, exist_ok=True)
         config.write(folder / CONFIG, cfg)
         report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),

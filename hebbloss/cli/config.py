@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping
 
 import yaml
 
-from ..checkpoint import atomic_file
+from ..atomic import write_text
 
 DEFAULTS: Dict[str, Any] = {
     # data
@@ -106,5 +106,4 @@ def check_resume_overrides(saved: Mapping[str, Any], flags: Mapping[str, Any], f
 
 def write(path: Path, cfg: Mapping[str, Any]) -> None:
     """Save the settings as YAML, atomically."""
-    with atomic_file(path) as f:
-        f.write(yaml.safe_dump(dict(cfg), sort_keys=True).encode())
+    write_text(path, yaml.safe_dump(dict(cfg), sort_keys=True))

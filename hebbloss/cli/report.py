@@ -4,7 +4,6 @@ grid of the first plastic layer's learned filters. Every file is written atomica
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_file
+from ..atomic import atomic_file, write_json
 
 RESULTS = "results.json"
 ACCURACY_PNG = "accuracy_per_layer.png"
@@ -45,21 +44,17 @@ def update_results(folder: Path, **sections: Any) -> Path:
     """Merge ``sections`` into the folder's results.json (written atomically) and return its path."""
     data = read_results(folder)
     data.update(sections)
-    path = Path(folder) / RESULTS
-    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default)
-    with atomic_file(path) as f:
-        f.write(text.encode())
-    return path
+    return write_json(Path(folder) / RESULTS, data, sort_keys=True, default=_json_default)
 
 
 def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    with atomic_file(path) as f:
-        f.write(buf.getvalue())
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -135,19 +130,51 @@ def filter_images(module: nn.Module, image_shape) -> torch.Tensor:
 
 
 def plot_filters(module: nn.Module, path: Path, image_shape, title: str = "", max_filters: int = 256) -> Path:
-    """A grid of the layer's filters, each scaled to its own [min, max] (torchvision.utils.make_grid)."""
+    """The layer's filters (:func:`filter_images`) on one symmetric colour scale with its colour bar, so
+    that filters can be compared and 0 is always the same colour: one-channel filters in a diverging
+    map (red positive, blue negative), RGB filters as colour images (grey = 0), rows that are not
+    images as a units x inputs matrix. Tiles of up to an inch each, in a near-square grid."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
 
-    images = filter_images(module, image_shape)[:max_filters]
-    nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
-    grid = make_grid(images, nrow=nrow, normalize=True, scale_each=True, padding=1, pad_value=1.0)
-    side = min(8.0, max(3.0, 0.45 * nrow))
-    fig, ax = plt.subplots(figsize=(side, side * grid.shape[1] / grid.shape[2] + 0.4))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
+    images = filter_images(module, image_shape)
+    total, images = images.shape[0], images[:max_filters]
+    n, c, h, w = images.shape
+    scale = float(images.abs().max()) or 1.0
+    shown = f"{n} of {total} units" if n < total else f"{n} units"
+    in_channels = module.weight.shape[1] if module.weight.dim() == 4 else c
+    if c == 1 and in_channels > 1:
+        shown += f", input channel 1 of {in_channels}"
+    if h == 1:  # rows that are not images: one matrix
+        fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 0.02 * w), min(10.0, 1.5 + 0.15 * n)))
+        im = ax.imshow(images.reshape(n, w).numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto",
+                       interpolation="nearest")
+        ax.set_xlabel("input")
+        ax.set_ylabel("unit")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="weight")
+    else:
+        cols = max(1, math.ceil(math.sqrt(n)))
+        rows = math.ceil(n / cols)
+        pad = max(1, round(max(h, w) / 8))
+        grid = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), math.nan)
+        for i in range(n):
+            top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+            grid[top:top + h, left:left + w] = images[i].permute(1, 2, 0)
+        tile = min(0.9, max(0.3, 9.0 / cols))  # inches per filter: readable, and the figure at most ~10 inches
+        fig, ax = plt.subplots(figsize=(cols * tile + 1.6, rows * tile * h / w + 1.0))
+        if c == 1:
+            cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.6")  # grey separators, white is 0
+            im = ax.imshow(grid[..., 0].numpy(), cmap=cmap, vmin=-scale, vmax=scale, interpolation="nearest")
+            label = "weight"
+        else:  # each channel's weight mapped to its intensity on the same scale: grey is 0
+            rgb = (0.5 + grid / (2 * scale)).nan_to_num(1.0).clamp(0, 1)
+            ax.imshow(rgb.numpy(), interpolation="nearest")
+            im = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(-scale, scale), cmap="gray")
+            label = "weight (each of R, G, B)"
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+        ax.set_axis_off()
+        shown += f", {h}x{w}"
+    ax.set_title(f"{title}\n{shown}, shared scale ±{scale:.3g}" if title else f"{shown}, shared scale ±{scale:.3g}", fontsize=9)
     return _save_figure(fig, Path(path))

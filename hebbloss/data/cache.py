@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..checkpoint import atomic_file
+from ..atomic import atomic_file
 from .dataset import ImageDataset
 
 FORMAT = 1  # bump when the cached layout changes
@@ -29,7 +29,7 @@ def cache_path(root: Path, name: str, source: str) -> Path:
 
 
 def save(dataset: ImageDataset, path: Path) -> None:
-    """Write ``dataset`` to ``path`` atomically (:func:`hebbloss.checkpoint.atomic_file`: never a half-written cache)."""
+    """Write ``dataset`` to ``path`` atomically (:func:`hebbloss.atomic.atomic_file`: never a half-written cache)."""
     payload = {
         "format": FORMAT,
         "name": dataset.name,

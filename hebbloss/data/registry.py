@@ -202,11 +202,22 @@ def load_dataset(
 
     Local files under ``data_dir`` (default ``$HEBBLOSS_DATA``) are decoded once and cached as a .pt file
     in ``cache_dir`` (default ``$HEBBLOSS_CACHE`` or ~/.cache/hebbloss); without a data_dir the latest
-    cache of the dataset is used; ``download=True`` uses torchvision's download. Raises ValueError for an
-    unknown name and :class:`DatasetMissing`, naming the files expected and where, when nothing is found.
+    cache of the dataset is used; ``download=True`` uses torchvision's download (into ``data_dir``, created
+    if needed). Raises ValueError for an unknown name and :class:`DatasetMissing`, naming the files
+    expected and where, when nothing is found or when ``data_dir`` is not a folder (for the embedded
+    dataset too, which reads none: a mistyped path is never silently ignored).
     """
     key = _resolve(name)
     root = cache.cache_root(cache_dir)
+    given = "data_dir"
+    if data_dir is None and os.environ.get("HEBBLOSS_DATA"):
+        data_dir, given = os.environ["HEBBLOSS_DATA"], "data_dir (from $HEBBLOSS_DATA)"
+    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+    if data_dir is not None and not data_dir.is_dir() and (key == DEFAULT_DATASET or not download):
+        why = "is not a folder" + (" (it is a file)" if data_dir.exists() else " (it does not exist)")
+        what = (f"the embedded dataset {key!r} needs none: give an existing folder or none at all" if key == DEFAULT_DATASET
+                else f"for {key!r} put there:\n{_expected(SPECS[key], data_dir)}")
+        raise DatasetMissing(f"{given} {data_dir} {why}; nothing was read. Check the path; {what}")
     if key == DEFAULT_DATASET:
         path = embedded.mnist_mini_path()
         if path is None:
@@ -217,12 +228,7 @@ def load_dataset(
             )
         return _cached(root, key, _fingerprint([path]), lambda: embedded.read_mnist_mini(path, key))
     spec = SPECS[key]
-    if data_dir is None and os.environ.get("HEBBLOSS_DATA"):
-        data_dir = os.environ["HEBBLOSS_DATA"]
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
     if data_dir is not None:
-        if not data_dir.is_dir() and not download:
-            raise DatasetMissing(f"data_dir {data_dir} is not a folder; for {key!r} put there:\n{_expected(spec, data_dir)}")
         found = _locate(spec, data_dir) if data_dir.is_dir() else None
         if found is not None:
             read, source = found
