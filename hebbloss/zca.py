@@ -144,6 +144,13 @@ def check_settings(settings: Mapping[str, Any]) -> dict:
     return dict(settings)
 
 
+def zca_from_settings(settings: Optional[Mapping[str, Any]] = None) -> ZCA:
+    """An unfitted :class:`ZCA` with the standardize / center / divisor of ``settings`` (checked
+    by :func:`check_settings`; missing keys take the constructor's defaults)."""
+    s = check_settings(settings or {})
+    return ZCA(s.get("standardize", True), s.get("center", True), s.get("divisor", "samples"))
+
+
 @torch.no_grad()
 def fit_zca(images: torch.Tensor, settings: Optional[Mapping[str, Any]] = None,
             generator: Optional[torch.Generator] = None) -> ZCA:
@@ -153,7 +160,7 @@ def fit_zca(images: torch.Tensor, settings: Optional[Mapping[str, Any]] = None,
     without replacement; None: all) and ``fit_augment`` ("hflip": each of them mirrored with
     probability 1/2). The draws come from ``generator`` (subset first, then the flips)."""
     s = check_settings(settings or {})
-    zca = ZCA(s.get("standardize", True), s.get("center", True), s.get("divisor", "samples"))
+    zca = zca_from_settings(s)
     count = s.get("fit_images")
     if count is not None:
         if not isinstance(count, int) or count < 2:

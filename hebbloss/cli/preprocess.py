@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..zca import ZCA, check_settings, fit_zca
+from ..zca import ZCA, check_settings, fit_zca, zca_from_settings
 
 
 class Preprocess(nn.Module):
@@ -26,8 +26,7 @@ class Preprocess(nn.Module):
         self.register_buffer("std", None)
         self.zca_settings = check_settings(zca) if isinstance(zca, Mapping) else None
         if self.zca_settings is not None:
-            s = self.zca_settings
-            self.zca = ZCA(s.get("standardize", True), s.get("center", True), s.get("divisor", "samples"))
+            self.zca = zca_from_settings(self.zca_settings)
         else:
             self.zca = ZCA(standardize=True) if zca else None
 
