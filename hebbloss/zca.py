@@ -8,13 +8,33 @@ With X the [N, D] flattened (optionally per-image standardised) training images,
 and C = (X - mu)^T (X - mu) / N = E diag(l) E^T (torch.linalg.eigh, in float64), the transform
 is W = E diag(1 / sqrt(l + eps)) E^T and zca(x) = (x - mu) W. eps > 0 keeps it finite on
 rank-deficient data (fewer images than pixels, constant pixels).
+
+Miconi 2021's own code computes it differently (``ZCA.miconi2021()``, :func:`fit_zca` with
+:data:`MICONI2021`): no per-pixel mean (mu = 0; the per-image standardisation is the only
+centring), C = X^T X / D (divided by the number of values per image, not of images) and the
+matrix fitted on one shuffled batch of 9,000 randomly flipped training images. With N = 9,000
+and D = 3,072 his eps = 1e-3 acts like eps = 3.4e-4 on the covariance: about 3x less
+regularisation than the default here.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
+
+from .data.augment import check_name, hflip
+
+DIVISORS = ("samples", "features")
+
+# Miconi 2021's ZCA, HebbGrad_Github.ipynb (ThomasMiconi/HebbianCNNPyTorch), the cell "Building ZCA
+# filter" with ZCA = 'IMAGE': t standardised per image (torch.std, + 1e-10), no per-pixel mean,
+# covt = t.T @ t / t.shape[1] (the number of values per image), covt += 1e-3 * I, symeig;
+# fitted on the first batch of `zcaloader` (batch_size=9000, shuffle=True, transform_zca with
+# RandomHorizontalFlip and an identity RandomCrop(32) on 32x32 images).
+MICONI2021 = {"standardize": True, "center": False, "divisor": "features", "eps": 1e-3,
+              "fit_images": 9000, "fit_augment": "hflip"}
 
 
 def standardize_images(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -24,12 +44,19 @@ def standardize_images(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return flat.reshape(x.shape)
 
 
-def zca_matrix(data: torch.Tensor, eps: float) -> tuple:
-    """(mean [D], whitening matrix [D, D]) of [N, D] data, computed in float64 (Bell & Sejnowski 1997)."""
+def zca_matrix(data: torch.Tensor, eps: float, center: bool = True, divisor: str = "samples") -> tuple:
+    """(mean [D], whitening matrix [D, D]) of [N, D] data, computed in float64 (Bell & Sejnowski 1997).
+
+    center: subtract the per-feature mean (False: mean = 0, Miconi 2021's code).
+    divisor: the Gram matrix is divided by N, the number of samples (a covariance), or by D,
+        the number of features ("features", Miconi 2021's code).
+    """
+    if divisor not in DIVISORS:
+        raise ValueError(f"zca_matrix: divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
     x = data.to(torch.float64)
-    mean = x.mean(dim=0)
+    mean = x.mean(dim=0) if center else torch.zeros_like(x[0])
     centred = x - mean
-    cov = centred.T @ centred / x.shape[0]
+    cov = centred.T @ centred / (x.shape[0] if divisor == "samples" else x.shape[1])
     eigvals, eigvecs = torch.linalg.eigh(cov)
     scale = (eigvals.clamp(min=0) + eps).rsqrt()
     return mean, (eigvecs * scale) @ eigvecs.T
@@ -39,15 +66,27 @@ class ZCA(nn.Module):
     """ZCA whitening fitted once on training images; ``mean`` and ``matrix`` are buffers.
 
     standardize: standardise each image before fitting and before whitening (Miconi 2021).
+    center: subtract the training images' per-pixel mean (False: none, as Miconi 2021's code;
+        the ``mean`` buffer is then zeros).
+    divisor: "samples" (the covariance X^T X / N) or "features" (X^T X / D, Miconi 2021's code).
     The module maps [B, *image_shape] to the same shape; call :meth:`fit` before using it.
     """
 
-    def __init__(self, standardize: bool = True):
+    def __init__(self, standardize: bool = True, center: bool = True, divisor: str = "samples"):
         super().__init__()
-        self.standardize = bool(standardize)
+        if divisor not in DIVISORS:
+            raise ValueError(f"ZCA: divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
+        self.standardize, self.center, self.divisor = bool(standardize), bool(center), divisor
         self.register_buffer("mean", None)
         self.register_buffer("matrix", None)
         self.register_buffer("eps", None)
+
+    @classmethod
+    def miconi2021(cls) -> "ZCA":
+        """The ZCA of Miconi 2021's code: per-image standardisation, no per-pixel mean, Gram matrix
+        divided by the number of values per image; fit it with eps=1e-3 on 9,000 randomly flipped
+        training images (:func:`fit_zca` with :data:`MICONI2021` does all of it)."""
+        return cls(standardize=True, center=False, divisor="features")
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, eps: float = 1e-3) -> "ZCA":
@@ -60,7 +99,7 @@ class ZCA(nn.Module):
         if not torch.isfinite(images).all():
             raise ValueError("ZCA.fit: the images contain NaN or Inf")
         x = standardize_images(images) if self.standardize else images
-        mean, matrix = zca_matrix(x.reshape(x.shape[0], -1), float(eps))
+        mean, matrix = zca_matrix(x.reshape(x.shape[0], -1), float(eps), self.center, self.divisor)
         dtype = images.dtype if images.is_floating_point() else torch.float32
         self.mean = mean.to(dtype).reshape(images.shape[1:])
         self.matrix = matrix.to(dtype)
@@ -90,4 +129,44 @@ class ZCA(nn.Module):
 
     def extra_repr(self) -> str:
         shape = None if self.mean is None else tuple(self.mean.shape)
-        return f"standardize={self.standardize}, image_shape={shape}"
+        return f"standardize={self.standardize}, center={self.center}, divisor={self.divisor}, image_shape={shape}"
+
+
+ZCA_SETTINGS = ("standardize", "center", "divisor", "eps", "fit_images", "fit_augment")
+
+
+def check_settings(settings: Mapping[str, Any]) -> dict:
+    """``settings`` (a recipe's ``zca``) as a dict, after checking its keys against :data:`ZCA_SETTINGS`."""
+    unknown = sorted(set(settings) - set(ZCA_SETTINGS))
+    if unknown:
+        raise ValueError(f"ZCA settings {unknown} are unknown; the settings are {', '.join(ZCA_SETTINGS)}")
+    check_name(settings.get("fit_augment"))
+    return dict(settings)
+
+
+def zca_from_settings(settings: Optional[Mapping[str, Any]] = None) -> ZCA:
+    """An unfitted :class:`ZCA` with the standardize / center / divisor of ``settings`` (checked
+    by :func:`check_settings`; missing keys take the constructor's defaults)."""
+    s = check_settings(settings or {})
+    return ZCA(s.get("standardize", True), s.get("center", True), s.get("divisor", "samples"))
+
+
+@torch.no_grad()
+def fit_zca(images: torch.Tensor, settings: Optional[Mapping[str, Any]] = None,
+            generator: Optional[torch.Generator] = None) -> ZCA:
+    """A :class:`ZCA` built and fitted on float ``images`` [N, ...] as ``settings`` say (e.g.
+    :data:`MICONI2021`, or a recipe's ``zca``): the constructor's standardize / center / divisor,
+    ``eps`` for :meth:`ZCA.fit` (1e-3), ``fit_images`` (fit on that many images drawn at random
+    without replacement; None: all) and ``fit_augment`` ("hflip": each of them mirrored with
+    probability 1/2). The draws come from ``generator`` (subset first, then the flips)."""
+    s = check_settings(settings or {})
+    zca = zca_from_settings(s)
+    count = s.get("fit_images")
+    if count is not None:
+        if not isinstance(count, int) or count < 2:
+            raise ValueError(f"ZCA settings: fit_images must be an int >= 2 (or None for all images), got {count!r}")
+        if count < images.shape[0]:
+            images = images[torch.randperm(images.shape[0], generator=generator)[:count]]
+    if s.get("fit_augment") == "hflip":
+        images = hflip(images, generator=generator)
+    return zca.fit(images, eps=s.get("eps", 1e-3))

@@ -131,8 +131,8 @@ def test_softhebb_variants():
     stl = models.softhebb("stl10", channels=(4, 6, 8, 10))
     assert stl.num_blocks == 4 and stl(torch.randn(2, 3, 96, 96)).shape == (2, 10, 6, 6)
     assert [l.post.inverse_temperature for l in stl.recipe.layers.values()] == [1.0, 0.65, 0.45, 0.25]
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
-        models.softhebb("imagenet")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        models.softhebb("svhn")
     with pytest.raises(ValueError, match="3 positive ints"):
         models.softhebb("cifar10", channels=(4, 6))
 

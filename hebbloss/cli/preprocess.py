@@ -6,26 +6,34 @@ saved in the checkpoint, so a resumed or re-probed run sees exactly the same inp
 """
 from __future__ import annotations
 
+from typing import Any, Mapping, Optional, Union
+
 import torch
 from torch import nn
 
-from ..zca import ZCA
+from ..zca import ZCA, check_settings, fit_zca, zca_from_settings
 
 
 class Preprocess(nn.Module):
-    """``forward(uint8 [B, C, H, W]) -> float``: scaled to [0, 1], then ZCA-whitened (``zca=True``) or
+    """``forward(uint8 [B, C, H, W]) -> float``: scaled to [0, 1], then ZCA-whitened (``zca=True``, or
+    a dict of ZCA settings such as a recipe's ``zca``, e.g. ``hebbloss.zca.MICONI2021``) or
     standardised per channel. Call :meth:`fit` on the training images (or load a state_dict) first."""
 
-    def __init__(self, zca: bool = False, eps: float = 1e-3):
+    def __init__(self, zca: Union[bool, Mapping[str, Any], None] = False, eps: float = 1e-3):
         super().__init__()
         self.eps = float(eps)
         self.register_buffer("mean", None)
         self.register_buffer("std", None)
-        self.zca = ZCA(standardize=True) if zca else None
+        self.zca_settings = check_settings(zca) if isinstance(zca, Mapping) else None
+        if self.zca_settings is not None:
+            self.zca = zca_from_settings(self.zca_settings)
+        else:
+            self.zca = ZCA(standardize=True) if zca else None
 
     @torch.no_grad()
-    def fit(self, images: torch.Tensor) -> "Preprocess":
-        """Channel statistics (float64 sums, bounded memory) and, with ZCA, the whitening of ``images``."""
+    def fit(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> "Preprocess":
+        """Channel statistics (float64 sums, bounded memory) and, with ZCA, the whitening of ``images``
+        (with ZCA settings, fitted by ``hebbloss.zca.fit_zca``, its random draws from ``generator``)."""
         c = images.shape[1]
         total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
         for chunk in images.split(1024):
@@ -34,7 +42,9 @@ class Preprocess(nn.Module):
         mean = total / count
         var = (total_sq / count - mean.pow(2)).clamp_min(0) * count / max(count - 1, 1)
         self.mean, self.std = mean.float(), var.sqrt().clamp_min(1e-6).float()
-        if self.zca is not None:
+        if self.zca_settings is not None:
+            self.zca = fit_zca(images.float().div_(255.0), {"eps": self.eps, **self.zca_settings}, generator)
+        elif self.zca is not None:
             self.zca.fit(images.float().div_(255.0), eps=self.eps)
         return self
 

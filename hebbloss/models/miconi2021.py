@@ -6,7 +6,9 @@ average pooling, with 100 / 196 / 400 channels and 5 / 3 / 3 kernels. Plasticity
 driven by the binarised k-WTA (k=1) of the same z - theta (dense activations, sparse plasticity);
 theta are homeostatic thresholds shared by the two (``HomeostaticTriangle``); random pruning of
 0 / 99 / 99 % of the connections; unit-norm filters after every step; the first 200 batches only
-adapt the thresholds. Inputs are ZCA-whitened images (``hebbloss.zca.ZCA``, fitted on the training set).
+adapt the thresholds; Hebbian batches randomly flipped left-right (``recipe.augment = "hflip"``).
+Inputs are ZCA-whitened images as his code computes it (``recipe.zca = hebbloss.zca.MICONI2021``,
+``hebbloss.zca.fit_zca`` on the training set).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import optim, prune
+from ..zca import MICONI2021
 from ..competition import kwta_mask, triangle as triangle_fn
 from ..competition.kwta import adapt_thresholds
 from .blocks import Standardize
@@ -125,8 +128,14 @@ class Miconi2021(nn.Module):
             renormalize=True,
             warmup_steps=WARMUP_STEPS,
             paper=PAPER,
+            augment="hflip",   # HebbGrad_Github.ipynb: transform_unlab = RandomHorizontalFlip + RandomCrop(32)
+            zca=dict(MICONI2021),
             notes={
-                "input": "ZCA-whitened images: hebbloss.zca.ZCA(standardize=True).fit(train_images, eps=1e-3)",
+                "input": "ZCA-whitened images: hebbloss.zca.fit_zca(train_images, recipe.zca, generator) (his ZCA: "
+                         "no per-pixel mean, Gram matrix / values per image, eps 1e-3, 9,000 flipped images)",
+                "augmentation": "his loaders also apply RandomCrop(32) to 32x32 images (the identity) and flip the "
+                                "images from which he collects the probe's train and test features "
+                                "(transform_test = transform_train); recipe.augment covers the Hebbian batches only",
                 "thresholds": "k-WTA thresholds live in the model (actN.theta) and adapt in training mode, also "
                               "during the warm-up; the paper's code also adapts them while collecting probe features",
                 "standardisation": "population std; the paper's code divides by the sample std (1.0002x for 3x32x32)",

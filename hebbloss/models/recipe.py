@@ -14,15 +14,17 @@ Save ``plastic.state_dict()`` (the state of post modules, e.g. k-WTA thresholds)
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from .. import optim
 from ..attach import Plasticity, attach
+from ..data.augment import check_name
 
 
 @dataclass
@@ -47,6 +49,12 @@ class Recipe:
     reduction: of the surrogate loss ("sum": the learning rates are per batch, as in the papers).
     warmup_steps: first batches that run forward (adapting thresholds) with no weight update.
     paper: where the numbers come from.
+    notes: deviations from the authors' code and other facts a reader needs, as plain strings.
+    augment: augmentation of the Hebbian training batches, by name for
+        ``hebbloss.data.augment.augment`` (None, or "hflip": Miconi 2021).
+    zca: ZCA settings of the input (``hebbloss.zca.fit_zca``; None: no whitening), e.g.
+        ``hebbloss.zca.MICONI2021``.
+    readout: the paper's linear readout as plain data (layer read, features, optimizer...).
     """
 
     name: str
@@ -59,6 +67,15 @@ class Recipe:
     warmup_steps: int = 0
     paper: str = ""
     notes: Dict[str, str] = field(default_factory=dict)
+    augment: Optional[str] = None
+    zca: Optional[Dict[str, Any]] = None
+    readout: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        try:
+            check_name(self.augment)
+        except ValueError as e:
+            raise ValueError(f"recipe {self.name}: {e}") from None
 
     def attach(self, model: nn.Module) -> Plasticity:
         """``hebbloss.attach`` on the recipe's layers with their rules and post signals."""
@@ -88,6 +105,8 @@ class Recipe:
             "renormalize": self.renormalize, "softhebb_power": self.softhebb_power, "reduction": self.reduction,
             "warmup_steps": self.warmup_steps,
             "paper": self.paper, "notes": dict(self.notes),
+            "augment": self.augment, "zca": None if self.zca is None else dict(self.zca),
+            "readout": copy.deepcopy(self.readout),
             "layers": {n: {"rule": l.rule, "post": repr(l.post), "lr": l.lr} for n, l in self.layers.items()},
         }
 
@@ -95,4 +114,5 @@ class Recipe:
         """A copy whose settings can be changed freely; the post signals themselves are shared
         (``attach`` copies post modules, and a callable post may read the model's own state)."""
         return dataclasses.replace(self, layers={n: dataclasses.replace(l) for n, l in self.layers.items()},
-                                   notes=dict(self.notes))
+                                   notes=dict(self.notes), zca=None if self.zca is None else dict(self.zca),
+                                   readout=copy.deepcopy(self.readout))
