@@ -14,6 +14,7 @@ import hebbloss
 from hebbloss.data import ImageDataset
 from hebbloss.probe import RidgeAccumulator, capture_features, evaluate, fit_logistic, fit_ridge, pool_features
 from hebbloss.probe.baselines import random_copy
+from hebbloss.probe.ridge import RidgeStats, choose_alpha, ridge_solution, squared_error
 
 
 def ref_pool(z, grid):
@@ -264,3 +265,69 @@ def test_random_copy_of_a_trained_pruned_model_redraws_weight_orig_and_keeps_mas
     assert not torch.equal(copy[2].weight_orig, net[2].weight_orig)
     assert torch.equal(copy[2].weight, copy[2].weight_orig * copy[2].weight_mask)
     assert torch.equal(copy(torch.ones(1, 1, 8, 8)), copy(torch.ones(1, 1, 8, 8)))
+
+
+def plain_sums(x, labels, k):
+    """n, sum x, X^T X, X^T Y, sum y, Y^T Y of float64 numpy data, as torch tensors."""
+    x, y = x.astype(np.float64), np.eye(k)[labels]
+    return RidgeStats(x.shape[0], *(torch.from_numpy(np.asarray(t)) for t in (x.sum(0), x.T @ x, x.T @ y, y.sum(0), (y * y).sum())))
+
+
+def test_choose_alpha_is_a_pure_function_of_the_sums_picking_the_lowest_held_out_error():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(70, 25)) * rng.uniform(0.5, 3, size=25) + 2
+    labels = (x[:, :3] @ [1.0, -1.0, 0.5] + rng.normal(scale=2.0, size=70) > 2).astype(int) + 2 * (rng.random(70) < 0.3)
+    fit_x, fit_y, held_x, held_y = x[:50], labels[:50], x[50:], labels[50:]
+    alphas = [1e-4, 1e-2, 1.0, 100.0]
+    errors = []
+    for a in alphas:  # closed-form ridge on the standardised fit part, squared error on the held-out part
+        w, b = ref_ridge(torch.from_numpy(fit_x), torch.from_numpy(fit_y), 4, a)
+        errors.append(((held_x @ w + b - np.eye(4)[held_y]) ** 2).sum(1).mean())
+    best = alphas[int(np.argmin(errors))]
+    assert best not in (alphas[0], alphas[-1])  # the data make the choice matter
+    fit, held = plain_sums(fit_x, fit_y, 4), plain_sums(held_x, held_y, 4)
+    before = [t.clone() for t in fit[1:] + held[1:]]
+    assert choose_alpha(fit, held, alphas) == best
+    assert choose_alpha(fit, held, alphas[::-1]) == best
+    assert all(torch.equal(a, b) for a, b in zip(before, fit[1:] + held[1:]))  # nothing changed in place
+    for a, err in zip(alphas, errors):
+        assert squared_error(held, ridge_solution(fit, a)) == pytest.approx(err, rel=1e-9)
+    assert choose_alpha(fit, None, [0.5]) == 0.5  # one candidate: nothing to choose, nothing held out
+    with pytest.raises(ValueError, match="held-out"):
+        choose_alpha(fit, None, alphas)
+
+
+def noisy_quadrants(n, seed, signal=12):
+    """Which quadrant of an 8x8 image is a little brighter, under heavy noise: separable only in part."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    img = torch.randint(0, 100, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        r, s = divmod(c, 2)
+        img[i, 0, 4 * r:4 * r + 4, 4 * s:4 * s + 4] += signal
+    return img, labels
+
+
+def test_streamed_and_in_memory_ridge_choose_the_same_alpha_and_accuracy_as_a_float64_reference():
+    (a, b), (c, d) = noisy_quadrants(300, 0), noisy_quadrants(100, 1)
+    ds, net = ImageDataset(a, b, c, d, ["tl", "tr", "bl", "br"], "noisy"), small_net()
+    alphas = [1e-3, 0.1, 1.0, 10.0]
+    feats = {split: capture_features(net, ["input", "3"], images) for split, images in (("train", a), ("test", c))}
+    held = torch.zeros(300, dtype=torch.bool)  # evaluate's split: 10% held out, drawn with seed 2
+    held[torch.randperm(300, generator=torch.Generator().manual_seed(2))[:30]] = True
+    expected = {}
+    for layer in ("input", "3"):
+        x, xt = feats["train"][layer], feats["test"][layer]
+        errors = []
+        for alpha in alphas:
+            w, bias = ref_ridge(x[~held], b[~held], 4, alpha)
+            errors.append(((x[held].double().numpy() @ w + bias - np.eye(4)[b[held].numpy()]) ** 2).sum(1).mean())
+        chosen = alphas[int(np.argmin(errors))]
+        w, bias = ref_ridge(x, b, 4, chosen)  # the winner refitted on the whole training set
+        acc = lambda f, l: float(((f.double().numpy() @ w + bias).argmax(1) == l.numpy()).mean())  # noqa: E731
+        expected[layer] = (chosen, acc(x, b), acc(xt, d))
+    assert {v[0] for v in expected.values()} != {alphas[0]}  # the sweep matters on these data
+    for stream in (True, False):
+        report = evaluate(net, ds, ["input", "3"], baselines=(), alpha=alphas, stream=stream, batch_size=64, seed=2)
+        got = {r.layer: (r.alpha, r.train_acc, r.test_acc) for r in report.rows}
+        assert got == expected, f"stream={stream}"

@@ -161,7 +161,8 @@ def _post_with_overrides(chosen, spec):
     return post, overrides
 
 
-def _probe_layers(cfg: Mapping[str, Any], default) -> Optional[List[str]]:
+def probe_layers(cfg: Mapping[str, Any], default) -> Optional[List[str]]:
+    """The layers to probe: ``--probe-layers`` when given, else ``default`` (None: the probe's own default)."""
     chosen = cfg.get("probe_layers") or default
     return list(chosen) if chosen else None
 
@@ -186,7 +187,7 @@ def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[
     except Exception:
         plastic.remove()
         raise
-    return Built(model, plastic, optimizer, _probe_layers(cfg, probe_default), int(get("epochs")),
+    return Built(model, plastic, optimizer, probe_layers(cfg, probe_default), int(get("epochs")),
                  int(get("batch_size")), warmup_steps=warmup,
                  description={"rule": get("rule"), "post": get("post"), "lr": float(get("lr")),
                               "optimizer": get("optimizer"), "plastic_layers": [n for n, _ in chosen]})
@@ -314,7 +315,7 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
     except Exception:
         plastic.remove()
         raise
-    return Built(model, plastic, optimizer, _probe_layers(cfg, probe_default),
+    return Built(model, plastic, optimizer, probe_layers(cfg, probe_default),
                  int(cfg.get("epochs") or recipe.epochs), int(cfg.get("batch_size") or recipe.batch_size),
                  warmup_steps=warmup,
                  description={"recipe": recipe.to_dict(), "plastic_layers": list(recipe.layers)})

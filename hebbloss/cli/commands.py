@@ -214,7 +214,7 @@ def probe(args) -> int:
         _seed(int(cfg.get("seed") or 0))
         model, probe_default, _ = build.create_model(cfg, tuple(ds.train_images.shape[1:]), ds.name)
         model.to(cfg.get("device") or "cpu")
-        probe_layers = build._probe_layers(cfg, probe_default)
+        probe_layers = build.probe_layers(cfg, probe_default)
         _check_probe_layers(model, probe_layers)
         from ..selection import select_layers
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +56,107 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def train_step(model: nn.Module, plastic, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, learn: bool = True,
+               after_step: Sequence[Callable[[], None]] = ()) -> float:
+    """One surrogate-loss step (Miconi 2021): forward ``inputs``, ``plastic.loss()``, then, when ``learn``, the
+    backward pass, the optimizer step and each of ``after_step``; returns the loss value."""
+    model(inputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss = plastic.loss()
+    if learn:
+        loss.backward()
+        optimizer.step()
+        for fn in after_step:
+            fn()
+    return loss.item()
+
+
+@dataclass
+class _Run:
+    """One call of :func:`run_training`: its settings, what it has done so far and the steps of its loop."""
+
+    model: nn.Module
+    plastic: Any
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    epochs: int
+    batch_size: int
+    generator: torch.Generator
+    save: Callable[[TrainState], None]
+    checkpoint_every: Optional[int]
+    max_steps: Optional[int]
+    after_step: Sequence[Callable[[], None]]
+    warmup_steps: int
+    device: Any
+    progress: bool
+    losses: List[float] = field(default_factory=list)  # mean loss of each epoch run here (the last one maybe partial)
+    done_here: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.images.shape[0] / self.batch_size)
+
+    def epoch_order(self, state: TrainState) -> torch.Tensor:
+        """The data order of the current epoch; a resumed epoch redraws the permutation it started with."""
+        if state.step_in_epoch == 0 or state.epoch_rng is None:
+            state.epoch_rng = self.generator.get_state()
+        else:
+            self.generator.set_state(state.epoch_rng)
+        return torch.randperm(self.images.shape[0], generator=self.generator)
+
+    def step(self, state: TrainState, idx: torch.Tensor) -> float:
+        """One training step on the images ``idx`` (forward only during the warm-up); counts it in ``state``."""
+        loss = train_step(self.model, self.plastic, self.optimizer, self.prepare(self.images[idx].to(self.device)),
+                          learn=state.global_step >= self.warmup_steps, after_step=self.after_step)
+        state.step_in_epoch, state.global_step, self.done_here = state.step_in_epoch + 1, state.global_step + 1, self.done_here + 1
+        return loss
+
+    def out_of_steps(self) -> bool:
+        """Whether this call has done its ``max_steps``."""
+        return self.max_steps is not None and self.done_here >= self.max_steps
+
+    def checkpoint_if_due(self, state: TrainState) -> None:
+        """Save every ``checkpoint_every`` steps overall."""
+        if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
+            self.save(state)
+
+    def epoch(self, state: TrainState, stop: _StopFlag) -> bool:
+        """The rest of the current epoch, then a checkpoint; True when it stopped early (checkpoint written)."""
+        order = self.epoch_order(state)
+        total, count = 0.0, 0
+        bar = tqdm(range(state.step_in_epoch, self.steps_per_epoch), desc=f"epoch {state.epoch + 1}/{self.epochs}",
+                   disable=not self.progress, leave=False, unit="batch", mininterval=1.0)
+        with bar:
+            for step in bar:
+                total, count = total + self.step(state, order[step * self.batch_size:(step + 1) * self.batch_size]), count + 1
+                bar.set_postfix(loss=f"{total / count:.4g}")
+                if state.step_in_epoch == self.steps_per_epoch:
+                    break  # the end-of-epoch checkpoint below covers this step
+                if stop.requested or self.out_of_steps():
+                    self.save(state)
+                    self.losses.append(total / count)
+                    return True
+                self.checkpoint_if_due(state)
+        if count:
+            self.losses.append(total / count)
+        state.epoch, state.step_in_epoch, state.epoch_rng = state.epoch + 1, 0, None
+        self.save(state)
+        return False
+
+    def summary(self, completed: bool, state: TrainState, stopped: bool = False) -> Dict[str, Any]:
+        """What :func:`run_training` returns."""
+        return {
+            "completed": completed,
+            "interrupted": stopped,
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "losses": self.losses,
+            "seconds": time.perf_counter() - self.started,
+        }
+
+
 def run_training(
     model: nn.Module,
     plastic,
@@ -84,59 +185,14 @@ def run_training(
     Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
     "seconds"}.
     """
-    n = images.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    losses, started, done_here = [], time.perf_counter(), 0
+    run = _Run(model, plastic, optimizer, images, prepare, epochs, batch_size, generator, save, checkpoint_every, max_steps,
+               after_step, warmup_steps, device, progress)
     model.train()
     with _StopFlag() as stop:
         while state.epoch < epochs:
-            if state.step_in_epoch == 0 or state.epoch_rng is None:
-                state.epoch_rng = generator.get_state()
-            else:
-                generator.set_state(state.epoch_rng)
-            order = torch.randperm(n, generator=generator)
-            total, count = 0.0, 0
-            bar = tqdm(range(state.step_in_epoch, steps_per_epoch), desc=f"epoch {state.epoch + 1}/{epochs}",
-                       disable=not progress, leave=False, unit="batch", mininterval=1.0)
-            for step in bar:
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                model(prepare(images[idx].to(device)))
-                optimizer.zero_grad(set_to_none=True)
-                loss = plastic.loss()
-                if state.global_step >= warmup_steps:
-                    loss.backward()
-                    optimizer.step()
-                    for fn in after_step:
-                        fn()
-                total, count = total + loss.item(), count + 1
-                state.step_in_epoch, state.global_step, done_here = step + 1, state.global_step + 1, done_here + 1
-                bar.set_postfix(loss=f"{total / count:.4g}")
-                if state.step_in_epoch == steps_per_epoch:
-                    break  # the end-of-epoch checkpoint below covers this step
-                if stop.requested or (max_steps is not None and done_here >= max_steps):
-                    save(state)
-                    return _summary(False, state, losses + [total / count], started, stopped=stop.requested)
-                if checkpoint_every and state.global_step % checkpoint_every == 0:
-                    save(state)
-            bar.close()
-            if count:
-                losses.append(total / count)
-            state.epoch, state.step_in_epoch, state.epoch_rng = state.epoch + 1, 0, None
-            save(state)
-            if stop.requested or (max_steps is not None and done_here >= max_steps and state.epoch < epochs):
-                return _summary(False, state, losses, started, stopped=stop.requested)
-    return _summary(True, state, losses, started)
-
-
-def _summary(completed, state, losses, started, stopped=False):
-    return {
-        "completed": completed,
-        "interrupted": stopped,
-        "epoch": state.epoch,
-        "global_step": state.global_step,
-        "losses": losses,
-        "seconds": time.perf_counter() - started,
-    }
+            if run.epoch(state, stop) or stop.requested or (state.epoch < epochs and run.out_of_steps()):
+                return run.summary(False, state, stopped=stop.requested)
+    return run.summary(True, state)
 
 
 def state_to_progress(state: TrainState) -> Dict[str, Any]:

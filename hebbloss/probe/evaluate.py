@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .features import capture_features, iter_features, model_device, resolve_lay
 from .logistic import fit_logistic
 from .pooling import Pool, check_pool
 from .result import ProbeResult
-from .ridge import MAX_FEATURES, RidgeAccumulator, _alphas, choose_alpha, fit_ridge, split_mask
+from .ridge import MAX_FEATURES, RidgeSolution, RidgeSweep, candidate_alphas, fit_ridge, held_out_mask
 
 METHODS = ("ridge", "logistic")
 RANDOM_SEED_OFFSET = 104729  # baselines draw weights apart from a model built right after torch.manual_seed(seed)
@@ -87,14 +87,74 @@ class ProbeReport:
         return "\n".join(lines).rstrip() + "\n"
 
 
+class _Data(NamedTuple):
+    """The (images, labels) to fit on and to score on, and the number of classes."""
+
+    train: Tuple[torch.Tensor, torch.Tensor]
+    test: Tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+    name: str
+
+
+class _Fit(NamedTuple):
+    """How each layer's readouts are fitted (the arguments of :func:`evaluate` of that name)."""
+
+    methods: List[str]
+    alphas: List[float]
+    epochs: int
+    val_fraction: float
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------- settings and data
+def _check_settings(method, baselines, stream, pool, alpha) -> Tuple[List[str], List[float]]:
+    """The methods and candidate alphas asked for; ValueError for any unknown or contradictory setting."""
+    methods = [method] if isinstance(method, str) else list(method)
+    bad = [m for m in methods if m not in METHODS] + [b for b in baselines if b not in BASELINES]
+    if bad or not methods:
+        raise ValueError(f"unknown method or baseline {bad or methods}; methods: {METHODS}, baselines: {BASELINES}")
+    if stream not in (True, False, "auto"):
+        raise ValueError(f"stream must be True, False or 'auto', got {stream!r}")
+    if stream is True and "logistic" in methods:
+        raise ValueError("only ridge can be streamed; use method='ridge', or pool the features so they fit in memory")
+    check_pool(pool)
+    return methods, candidate_alphas(alpha)
+
+
 def _subset(images, labels, limit, seed):
+    """A sorted random subset of ``limit`` samples (all of them when ``limit`` is None or not smaller)."""
     if limit is None or limit >= images.shape[0]:
         return images, labels
     idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:limit].sort().values
     return images[idx], labels[idx]
 
 
+def _probe_data(dataset: Union[ImageDataset, str], max_train, max_test, seed) -> _Data:
+    """The dataset (loaded by name if need be) cut to the random subsets asked for."""
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be an ImageDataset or a dataset name, got {type(dataset).__name__}")
+    return _Data(_subset(dataset.train_images, dataset.train_labels, max_train, seed),
+                 _subset(dataset.test_images, dataset.test_labels, max_test, seed + 1),
+                 max(dataset.num_classes, int(dataset.train_labels.max()) + 1), dataset.name)
+
+
+def _must_stream(model, chosen, data: _Data, extract, max_feature_bytes, methods) -> bool:
+    """Whether the features of all chosen layers exceed ``max_feature_bytes`` (sized from one forward pass of two
+    images); ValueError when they do and logistic, which needs them in memory, is asked for."""
+    dims = next(iter_features(model, chosen, data.train[0][:2], **extract))
+    stream = sum(f.shape[1] for f in dims.values()) * 4 * (data.train[0].shape[0] + data.test[0].shape[0]) > max_feature_bytes
+    if stream and "logistic" in methods:
+        raise ValueError(
+            f"the features of {[n for n, _ in chosen]} exceed max_feature_bytes={max_feature_bytes}; logistic needs them "
+            "in memory: pool them (pool='quadrants' or 'global'), probe fewer layers or samples, or raise max_feature_bytes"
+        )
+    return stream
+
+
 def _check_dim(layer: str, dim: int) -> None:
+    """ValueError naming ``layer`` when its ``dim`` features are too many for a ridge X^T X."""
     if dim > MAX_FEATURES:
         raise ValueError(
             f"layer '{layer}' gives {dim} features after pooling; a ridge probe needs a {dim}x{dim} X^T X "
@@ -103,45 +163,95 @@ def _check_dim(layer: str, dim: int) -> None:
         )
 
 
-def _streamed_ridge(net, chosen, tr, te, k, alphas, common, val_fraction, seed) -> Dict[str, Tuple[int, ProbeResult]]:
-    """Ridge per layer without storing features: accumulate, solve, then recompute features to score."""
-    sweep = len(alphas) > 1
-    held = split_mask(tr[0].shape[0], val_fraction, seed) if sweep else torch.zeros(tr[0].shape[0], dtype=torch.bool)
-    accs: Dict[str, List[Optional[RidgeAccumulator]]] = {}
+# ----------------------------------------------------------------------------------------------- networks
+def _networks(model, baselines, data: _Data, backprop_epochs, mean, std, seed) -> List[Tuple[str, Callable[[], nn.Module]]]:
+    """(label, builder) of the model and of each baseline asked for; baselines are built only when probed."""
+    networks = [("model", lambda: model)]
+    if "random" in baselines:
+        networks.append(("random", lambda: random_copy(model, seed + RANDOM_SEED_OFFSET)))
+    if "backprop" in baselines:
+        networks.append(("backprop", lambda: backprop_copy(model, data.train[0], data.train[1], data.num_classes, backprop_epochs,
+                                                           mean=mean, std=std, seed=seed + RANDOM_SEED_OFFSET)))
+    return networks
+
+
+def _same_layers(net: nn.Module, chosen) -> List[Tuple[str, Optional[nn.Module]]]:
+    """The layers of ``net`` (the model or a copy of it) with the names chosen on the model."""
+    modules = dict(net.named_modules())
+    return [(n, None if m is None else modules[n]) for n, m in chosen]
+
+
+# ----------------------------------------------------------------------------------------------- features in memory
+def _fit_layer(name, x, xt, data: _Data, fit: _Fit) -> Iterator[Tuple[str, ProbeResult]]:
+    """(method, result) of each readout fitted on the train features ``x`` and scored on ``xt`` too."""
+    if "ridge" in fit.methods:
+        _check_dim(name, x.shape[1])
+    for m in fit.methods:
+        if m == "ridge":
+            yield m, fit_ridge(x, data.train[1], xt, data.test[1], alpha=fit.alphas, num_classes=data.num_classes,
+                               val_fraction=fit.val_fraction, seed=fit.seed)
+        else:
+            yield m, fit_logistic(x, data.train[1], xt, data.test[1], epochs=fit.epochs, num_classes=data.num_classes, seed=fit.seed)
+
+
+def _stored_rows(label, net, chosen, data: _Data, extract, fit: _Fit, bar) -> Iterator[ProbeRow]:
+    """Capture the features of ``net`` once, then one row per layer and method fitted on them."""
+    names = [n for n, _ in chosen]
+    feats = [capture_features(net, names, images, out_device=extract["device"], **extract)
+             for images in (data.train[0], data.test[0])]
+    bar.update(1)
+    for name in names:
+        x, xt = feats[0][name], feats[1][name]
+        for method, res in _fit_layer(name, x, xt, data, fit):
+            yield ProbeRow(label, name, method, x.shape[1], res.train_acc, res.test_acc, res.alpha)
+            bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------- streamed ridge
+def _accumulate(net, chosen, data: _Data, alphas, extract, val_fraction, seed) -> Dict[str, RidgeSweep]:
+    """One pass over the training images: each layer's ridge sums, split by :func:`held_out_mask`."""
+    images, labels = data.train
+    held = held_out_mask(images.shape[0], alphas, val_fraction, seed)
+    sweeps: Dict[str, RidgeSweep] = {}
     start = 0
-    for feats in iter_features(net, chosen, tr[0], **common):
+    for feats in iter_features(net, chosen, images, **extract):
         b = next(iter(feats.values())).shape[0]
-        y, h = tr[1][start:start + b], held[start:start + b]
         for name, f in feats.items():
-            if name not in accs:
+            if name not in sweeps:
                 _check_dim(name, f.shape[1])
-                accs[name] = [RidgeAccumulator(f.shape[1], k, device=f.device) for _ in range(1 + sweep)] + [None]
-            h_dev = h.to(f.device)
-            accs[name][0].update(f[~h_dev], y[~h])
-            if sweep:
-                accs[name][1].update(f[h_dev], y[h])
+                sweeps[name] = RidgeSweep(f.shape[1], data.num_classes, alphas, device=f.device)
+            sweeps[name].update(f, labels[start:start + b], held[start:start + b])
         start += b
-    sols = {}
-    for name in list(accs):
-        fit, val = accs.pop(name)[:2]
-        a = alphas[0]
-        if val is not None:
-            a = choose_alpha(fit, val, alphas)
-            fit += val
-        sols[name] = fit.solve(a)
-        del fit, val
-    scores = {}
-    for split, (images, labels) in (("train", tr), ("test", te)):
-        correct, start = {n: 0 for n in sols}, 0
-        for feats in iter_features(net, chosen, images, **common):
-            b = next(iter(feats.values())).shape[0]
-            for name, f in feats.items():
-                correct[name] += int((sols[name].predict(f).cpu() == labels[start:start + b]).sum())
-            start += b
-        scores[split] = {n: c / max(images.shape[0], 1) for n, c in correct.items()}
-    return {n: (s.weight.shape[0], ProbeResult(scores["train"][n], scores["test"][n], s.alpha)) for n, s in sols.items()}
+    return sweeps
 
 
+def _streamed_accuracy(net, chosen, sols: Dict[str, RidgeSolution], images, labels, extract) -> Dict[str, float]:
+    """Each layer's accuracy on ``images``, recomputing the features batch by batch."""
+    correct, start = {n: 0 for n in sols}, 0
+    for feats in iter_features(net, chosen, images, **extract):
+        b = next(iter(feats.values())).shape[0]
+        for name, f in feats.items():
+            correct[name] += int((sols[name].predict(f).cpu() == labels[start:start + b]).sum())
+        start += b
+    return {n: c / max(images.shape[0], 1) for n, c in correct.items()}
+
+
+def _streamed_ridge(net, chosen, data: _Data, alphas, extract, val_fraction, seed) -> Dict[str, Tuple[int, ProbeResult]]:
+    """Ridge per layer without storing features: accumulate, solve, then recompute features to score."""
+    sweeps = _accumulate(net, chosen, data, alphas, extract, val_fraction, seed)
+    sols = {name: sweeps.pop(name).solve() for name in list(sweeps)}  # each layer's sums freed once solved
+    train, test = (_streamed_accuracy(net, chosen, sols, *split, extract) for split in (data.train, data.test))
+    return {n: (s.weight.shape[0], ProbeResult(train[n], test[n], s.alpha)) for n, s in sols.items()}
+
+
+def _streamed_rows(label, net, chosen, data: _Data, extract, fit: _Fit, bar) -> Iterator[ProbeRow]:
+    """One ridge row per layer of ``net``, streamed."""
+    for name, (dim, res) in _streamed_ridge(net, chosen, data, fit.alphas, extract, fit.val_fraction, fit.seed).items():
+        yield ProbeRow(label, name, "ridge", dim, res.train_acc, res.test_acc, res.alpha)
+    bar.update(1 + len(chosen) * len(fit.methods))
+
+
+# ----------------------------------------------------------------------------------------------- the harness
 def evaluate(
     model: nn.Module,
     dataset: Union[ImageDataset, str],
@@ -177,66 +287,23 @@ def evaluate(
     ``progress`` shows a tqdm bar over networks, feature extraction and readouts.
     """
     t0 = time.perf_counter()
-    methods = [method] if isinstance(method, str) else list(method)
-    bad = [m for m in methods if m not in METHODS] + [b for b in baselines if b not in BASELINES]
-    if bad or not methods:
-        raise ValueError(f"unknown method or baseline {bad or methods}; methods: {METHODS}, baselines: {BASELINES}")
-    if stream not in (True, False, "auto"):
-        raise ValueError(f"stream must be True, False or 'auto', got {stream!r}")
-    if stream is True and "logistic" in methods:
-        raise ValueError("only ridge can be streamed; use method='ridge', or pool the features so they fit in memory")
-    check_pool(pool)
-    alphas = _alphas(alpha)
-    if isinstance(dataset, str):
-        dataset = load_dataset(dataset)
-    if not isinstance(dataset, ImageDataset):
-        raise TypeError(f"dataset must be an ImageDataset or a dataset name, got {type(dataset).__name__}")
+    methods, alphas = _check_settings(method, baselines, stream, pool, alpha)
+    data = _probe_data(dataset, max_train, max_test, seed)
     chosen = resolve_layers(model, layers)
-    tr = _subset(dataset.train_images, dataset.train_labels, max_train, seed)
-    te = _subset(dataset.test_images, dataset.test_labels, max_test, seed + 1)
-    k = max(dataset.num_classes, int(dataset.train_labels.max()) + 1)
     device = torch.device(device) if device is not None else model_device(model)
-    common = dict(batch_size=batch_size, pool=pool, device=device, mean=mean, std=std, use_timm=use_timm)
+    extract = dict(batch_size=batch_size, pool=pool, device=device, mean=mean, std=std, use_timm=use_timm)
+    if stream == "auto":
+        stream = _must_stream(model, chosen, data, extract, max_feature_bytes, methods)
+    probe_rows = _streamed_rows if stream else _stored_rows
+    fit = _Fit(methods, alphas, epochs, val_fraction, seed)
 
-    if stream == "auto":  # feature size per sample from one forward pass of two images
-        dims = next(iter_features(model, chosen, tr[0][:2], **common))
-        stream = sum(f.shape[1] for f in dims.values()) * 4 * (tr[0].shape[0] + te[0].shape[0]) > max_feature_bytes
-        if stream and "logistic" in methods:
-            raise ValueError(
-                f"the features of {[n for n, _ in chosen]} exceed max_feature_bytes={max_feature_bytes}; logistic needs them "
-                "in memory: pool them (pool='quadrants' or 'global'), probe fewer layers or samples, or raise max_feature_bytes"
-            )
-
-    report = ProbeReport(dataset=dataset.name, pool=pool, num_train=tr[0].shape[0], num_test=te[0].shape[0])
-    networks = [("model", lambda: model)]
-    if "random" in baselines:
-        networks.append(("random", lambda: random_copy(model, seed + RANDOM_SEED_OFFSET)))
-    if "backprop" in baselines:
-        networks.append(("backprop", lambda: backprop_copy(model, tr[0], tr[1], k, backprop_epochs, mean=mean, std=std, seed=seed + RANDOM_SEED_OFFSET)))
+    report = ProbeReport(dataset=data.name, pool=pool, num_train=data.train[0].shape[0], num_test=data.test[0].shape[0])
+    networks = _networks(model, baselines, data, backprop_epochs, mean, std, seed)
     bar = tqdm(total=len(networks) * (1 + len(chosen) * len(methods)), desc="probe", disable=not progress, leave=False)
     for label, build in networks:
         bar.set_postfix_str(label)
         net = build().to(device) if label != "model" else model
-        modules = dict(net.named_modules())
-        net_chosen = [(n, None if m is None else modules[n]) for n, m in chosen]
-        if stream:
-            for name, (dim, res) in _streamed_ridge(net, net_chosen, tr, te, k, alphas, common, val_fraction, seed).items():
-                report.rows.append(ProbeRow(label, name, "ridge", dim, res.train_acc, res.test_acc, res.alpha))
-            bar.update(1 + len(chosen) * len(methods))
-            continue
-        feats = [capture_features(net, [n for n, _ in chosen], imgs, out_device=device, **common) for imgs in (tr[0], te[0])]
-        bar.update(1)
-        for name, _ in chosen:
-            x, xt = feats[0][name], feats[1][name]
-            if "ridge" in methods:
-                _check_dim(name, x.shape[1])
-            for m in methods:
-                if m == "ridge":
-                    res = fit_ridge(x, tr[1], xt, te[1], alpha=alphas, num_classes=k, val_fraction=val_fraction, seed=seed)
-                else:
-                    res = fit_logistic(x, tr[1], xt, te[1], epochs=epochs, num_classes=k, seed=seed)
-                report.rows.append(ProbeRow(label, name, m, x.shape[1], res.train_acc, res.test_acc, res.alpha))
-                bar.update(1)
+        report.rows.extend(probe_rows(label, net, _same_layers(net, chosen), data, extract, fit, bar))
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
