@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from . import layers, rules
-from .hooks import HookOwner
+from .hooks import HookHandle
 from .selection import Targets, name_matches, select_layers
 from .local import LocalTerm, local_loss, local_term
 
-_PLASTIC_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
 Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -48,7 +48,7 @@ def _post_key(name: str) -> str:
     return name.replace(".", "/") or "(model)"
 
 
-class Plasticity(nn.Module):
+class Plasticity(HookHandle, nn.Module):
     """Handle returned by :func:`attach`; see there. ``state_dict`` holds the post signals' state."""
 
     def __init__(self, model, chosen, rule_of, post_of, reduction, detach_input):
@@ -61,19 +61,18 @@ class Plasticity(nn.Module):
         self._post_fns: Dict[str, Post] = post_of
         self.records: Dict[str, List[Record]] = {n: [] for n in self.layers}
         self._kinds = {n: (layers.layer_type_of(m), layers.groups_of(m)) for n, m in self.layers.items()}
-        self._hooks = HookOwner()
         self._model_name = type(model).__name__
         self._forward_start: Optional[Dict[str, int]] = None
         self._post_state: List[tuple] = []
-        self._hooks.add(model.register_forward_pre_hook(self._begin_forward))
+        self._hooks.forward_hook(model, self._begin_forward, pre=True)
         for name, module in self.layers.items():
             if detach_input:
-                self._hooks.add(module.register_forward_pre_hook(_detach_inputs))
-            self._hooks.add(module.register_forward_hook(self._make_hook(name)))
-            _PLASTIC_LAYERS.add(module)
+                self._hooks.forward_hook(module, _detach_inputs, pre=True)
+            self._hooks.forward_hook(module, self._make_hook(name))
+            _PLASTIC_LAYERS[module] = self
         # after the layers' hooks, so that on a model that is itself the plastic layer they run last
-        self._hooks.add(model.register_forward_hook(self._end_forward))
-        self._hooks.add(model.register_forward_hook(self._undo_failed_forward, always_call=True))
+        self._hooks.forward_hook(model, self._end_forward)
+        self._hooks.forward_hook(model, self._undo_failed_forward, always_call=True)
 
     def _begin_forward(self, model, args):
         """Remember the record counts and the post signals' state (k-WTA thresholds), so that a
@@ -171,18 +170,14 @@ class Plasticity(nn.Module):
         return [p for m in self.layers.values() for p in layers.plastic_parameters(m)]
 
     def remove(self) -> None:
-        """Take every hook off and forget the records: the model is exactly as before attach()."""
-        self._hooks.remove()
+        """Take every hook off and forget the records: the model is exactly as before attach().
+        May be called twice; ``with hebbloss.attach(...) as plastic:`` calls it on exit."""
+        super().remove()
         for module in self.layers.values():
-            _PLASTIC_LAYERS.discard(module)
+            if _PLASTIC_LAYERS.get(module) is self:  # not a later handle's layer
+                del _PLASTIC_LAYERS[module]
         for recs in self.records.values():
             recs.clear()
-
-    def __enter__(self) -> "Plasticity":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def extra_repr(self) -> str:
         return "\n".join(f"{n or '(model)'}: {type(m).__name__}, rule={self.rules[n]!r}" for n, m in self.layers.items())
