@@ -130,8 +130,10 @@ class Plasticity(HookHandle, nn.Module):
     def loss(self) -> torch.Tensor:
         """Sum of the surrogate terms recorded since the last call, which it clears.
 
-        Raises (and clears nothing) when nothing was recorded, under ``torch.no_grad``, or when a
-        layer's output or post signal holds NaN or Inf.
+        Raises (and clears nothing) when nothing was recorded or under ``torch.no_grad``. Raises
+        FloatingPointError naming the layer, and drops the records (the next batch starts afresh),
+        when the sum is NaN or Inf: it says whether the layer's weights, its input or its post
+        signal held NaN or Inf. On the ``meta`` device nothing is checked.
         """
         if not torch.is_grad_enabled():
             raise RuntimeError("plastic.loss() was called under torch.no_grad(); call it where gradients are enabled")
@@ -142,28 +144,36 @@ class Plasticity(HookHandle, nn.Module):
                 "gradients enabled (not under torch.no_grad() or torch.inference_mode()) before plastic.loss()"
             )
         total = local_loss([r.term for r in recorded], [r.local for r in recorded if r.term.edge is not None])
-        if not torch.isfinite(total):
-            self._raise_non_finite()
-        for recs in self.records.values():
-            recs.clear()
+        if not total.is_meta and not torch.isfinite(total):  # a meta tensor has no value to check
+            message = self._non_finite_message()
+            self._clear_records()
+            raise FloatingPointError(message)
+        self._clear_records()
         return total
 
-    def _raise_non_finite(self):
+    def _clear_records(self) -> None:
+        for recs in self.records.values():
+            recs.clear()
+
+    def _non_finite_message(self) -> str:
+        """Which layer (in model order) first held NaN or Inf, and where: its weights, input or post signal."""
+        advice = "lower the learning rate, normalise the input, or use a rule with decay (instar, oja)"
         for name, recs in self.records.items():
             for r in recs:
+                bad = [p for p, t in (("weight", r.term.weight), ("bias", r.term.bias))
+                       if t is not None and not torch.isfinite(t).all()]
+                if bad:
+                    return (f"layer '{name}' has NaN or Inf in its {' and '.join(bad)}: the weights diverged; "
+                            f"{advice}, and start again from finite weights")
                 if not torch.isfinite(r.output).all():
-                    what = "output"
-                elif r.post is not None and not torch.isfinite(r.post).all():
-                    what = "post signal"
-                elif r.post is None and not torch.isfinite(r.term.correlation):  # y was let go: <y, z> tells
-                    what = "post signal (or its product with the output overflowed)"
-                else:
-                    continue
-                raise FloatingPointError(
-                    f"layer '{name}' produced NaN or Inf in its {what}; lower the learning rate, "
-                    "normalise the input, or use a rule with decay (instar, oja)"
-                )
-        raise FloatingPointError("the surrogate loss overflowed to Inf; lower the learning rate or normalise the input")
+                    return (f"layer '{name}' produced NaN or Inf in its output from a finite weight and bias: its "
+                            "input held NaN or Inf (the model input, or an earlier layer's output; check the batch) "
+                            f"or the product overflowed; {advice}")
+                if r.post is not None and not torch.isfinite(r.post).all():
+                    return f"layer '{name}' produced NaN or Inf in its post signal; {advice}"
+                if r.post is None and not torch.isfinite(r.term.correlation):  # y was let go: <y, z> tells
+                    return f"layer '{name}' produced NaN or Inf in its post signal (or its product with the output overflowed); {advice}"
+        return "the surrogate loss overflowed to Inf; lower the learning rate or normalise the input"
 
     def plastic_parameters(self) -> List[nn.Parameter]:
         """The weights and biases the rules update (pass them to an optimizer)."""
@@ -176,8 +186,7 @@ class Plasticity(HookHandle, nn.Module):
         for module in self.layers.values():
             if _PLASTIC_LAYERS.get(module) is self:  # not a later handle's layer
                 del _PLASTIC_LAYERS[module]
-        for recs in self.records.values():
-            recs.clear()
+        self._clear_records()
 
     def extra_repr(self) -> str:
         return "\n".join(f"{n or '(model)'}: {type(m).__name__}, rule={self.rules[n]!r}" for n, m in self.layers.items())
