@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from . import layers, rules
+from .competition import POSTS, post_signal
 from .hooks import HookHandle
 from .selection import Targets, name_matches, select_layers
 from .local import LocalTerm, local_loss, local_term
 
 _PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
-Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
+Post = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -196,13 +197,34 @@ def _detach_inputs(module, args):
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _copy_post(post: Post, module: nn.Module) -> Post:
-    """A per-layer copy of a stateful post module, bound to the layer's number of units."""
+def _check_post(post: Post, argument: str) -> None:
+    """A post signal is None, a callable, or a name :func:`hebbloss.competition.post_signal` knows."""
+    if isinstance(post, str):
+        try:
+            post_signal(post)
+        except ValueError as e:
+            raise ValueError(f"{argument} {e}") from None
+    elif post is not None and not callable(post):
+        raise TypeError(
+            f"{argument} must be None, a callable mapping a layer's output to its post signal, or a name "
+            f"({', '.join(POSTS)}), got {type(post).__name__}"
+        )
+
+
+def _copy_post(post: Post, name: str, module: nn.Module) -> Post:
+    """The layer's own post signal: a name resolved with the layer's channel axis, a stateful post
+    module copied and bound to the layer's number of units."""
+    kind = layers.layer_type_of(module)
+    if isinstance(post, str):
+        post = post_signal(post, channel_dim=-1 - kind.spatial_dims)  # from the end: batched or not
     if not isinstance(post, nn.Module):
         return post
     post = copy.deepcopy(post)
     if hasattr(post, "bind"):
-        post.bind(layers.layer_type_of(module).num_units(layers.plastic_weight(module), layers.groups_of(module)))
+        try:
+            post.bind(kind.num_units(layers.plastic_weight(module), layers.groups_of(module)))
+        except ValueError as e:
+            raise ValueError(f"layer '{name}': {e}") from None
     return post
 
 
@@ -218,8 +240,10 @@ def attach(
     """Make the chosen layers of ``model`` plastic under ``rule`` and return the handle.
 
     rule: a rule name or :class:`hebbloss.rules.Rule` for every chosen layer.
-    post: callable mapping a layer's output z to its post signal y (default: y = z). A stateful
-        ``nn.Module`` is copied for each layer (and ``bind(num_units)`` is called on the copy).
+    post: callable mapping a layer's output z to its post signal y (default: y = z), or its name
+        (``"relu"``, ``"kwta:4"``, ...: see :func:`hebbloss.competition.post_signal`; the channel axis
+        is the layer's). A stateful ``nn.Module`` is copied for each layer (and ``bind(num_units)``
+        is called on the copy).
     targets: which layers (see :mod:`hebbloss.selection`); default every supported layer.
     overrides: ``{pattern: {"rule": ..., "post": ...}}`` per layer name (same matching as targets;
         later patterns win).
@@ -233,6 +257,7 @@ def attach(
     rule_obj = rules.get(rule)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    _check_post(post, "post")
     chosen = select_layers(model, targets)
     again = [n or "(model)" for n, m in chosen if m in _PLASTIC_LAYERS]
     if again:
@@ -246,6 +271,7 @@ def attach(
         unknown = set(settings) - {"rule", "post"}
         if unknown:
             raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: 'rule', 'post'")
+        _check_post(settings.get("post"), f"overrides[{pattern!r}]['post']")
         hit = [n for n, _ in chosen if name_matches(pattern, n)]
         if not hit:
             raise ValueError(f"overrides pattern {pattern!r} matches none of the plastic layers: {', '.join(n for n, _ in chosen)}")
@@ -254,5 +280,5 @@ def attach(
                 rule_of[n] = rules.get(settings["rule"])
             if "post" in settings:
                 post_of[n] = settings["post"]
-    post_of = {n: _copy_post(post_of[n], m) for n, m in chosen}
+    post_of = {n: _copy_post(post_of[n], n, m) for n, m in chosen}
     return Plasticity(model, chosen, rule_of, post_of, reduction, detach_input)

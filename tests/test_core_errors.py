@@ -160,6 +160,38 @@ def test_attaching_the_same_model_twice_names_every_layer():
     _still_free(model)
 
 
+@pytest.mark.parametrize("post, shown", [
+    ("wta:3", r"post 'wta:3' is not understood as a post signal; valid names: identity \(or none.*relu, kwta\[:K\[:MU\]\].*"
+              r"softwta\[:BETA\].*triangle\[:POWER\]"),
+    ("relu6", r"post 'relu6' is not understood as a post signal"),
+    ("kwta:x", r"post 'kwta:x': K must be an integer, got 'x'"),
+    ("kwta:0", r"post 'kwta:0': KWTA: k must be a positive integer"),
+    ("softwta:-1", r"post 'softwta:-1': SoftWTA: inverse_temperature must be a finite number > 0"),
+])
+def test_a_post_name_that_is_not_known_is_refused_at_attach(post, shown):
+    """A post given by an unknown name used to be accepted and fail at the first forward."""
+    model = _net()
+    with pytest.raises(ValueError, match=shown):
+        hebbloss.attach(model, post=post)
+    with pytest.raises(ValueError, match=r"overrides\['fc'\]\['post'\] " + shown[len("post "):]):
+        hebbloss.attach(model, overrides={"conv1": {"rule": "oja"}, "fc": {"post": post}})
+    assert _no_hooks(model)
+    _still_free(model)
+
+
+def test_a_post_that_is_neither_callable_nor_a_name_is_refused_at_attach():
+    model = _net()
+    with pytest.raises(TypeError, match=r"post must be None, a callable mapping a layer's output to its post signal, "
+                                        r"or a name \(identity, none, relu, kwta, softwta, triangle\), got int"):
+        hebbloss.attach(model, post=3)
+    with pytest.raises(TypeError, match=r"overrides\['conv1'\]\['post'\] must be None, a callable.*got list"):
+        hebbloss.attach(model, overrides={"conv1": {"post": [nn.ReLU()]}})
+    with pytest.raises(ValueError, match=r"layer 'conv1': KWTA: k=4 winners but the layer has only 3 channels"):
+        hebbloss.attach(model, post="kwta:4", targets="conv1")
+    assert _no_hooks(model)
+    _still_free(model)
+
+
 # --------------------------------------------------------------------------- forward-time errors
 
 
