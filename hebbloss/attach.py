@@ -224,7 +224,7 @@ def _copy_post(post: Post, name: str, module: nn.Module) -> Post:
         try:
             post.bind(kind.num_units(layers.plastic_weight(module), layers.groups_of(module)))
         except ValueError as e:
-            raise ValueError(f"layer '{name}': {e}") from None
+            raise ValueError(f"layer '{name or '(model)'}': {e}") from None
     return post
 
 
