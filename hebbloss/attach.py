@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from . import layers, rules
-from .hooks import HookOwner
+from .competition import POSTS, post_signal
+from .hooks import HookHandle
 from .selection import Targets, name_matches, select_layers
 from .local import LocalTerm, local_loss, local_term
 
-_PLASTIC_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-Post = Optional[Callable[[torch.Tensor], torch.Tensor]]
+_PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
+Post = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -48,7 +49,7 @@ def _post_key(name: str) -> str:
     return name.replace(".", "/") or "(model)"
 
 
-class Plasticity(nn.Module):
+class Plasticity(HookHandle, nn.Module):
     """Handle returned by :func:`attach`; see there. ``state_dict`` holds the post signals' state."""
 
     def __init__(self, model, chosen, rule_of, post_of, reduction, detach_input):
@@ -61,19 +62,18 @@ class Plasticity(nn.Module):
         self._post_fns: Dict[str, Post] = post_of
         self.records: Dict[str, List[Record]] = {n: [] for n in self.layers}
         self._kinds = {n: (layers.layer_type_of(m), layers.groups_of(m)) for n, m in self.layers.items()}
-        self._hooks = HookOwner()
         self._model_name = type(model).__name__
         self._forward_start: Optional[Dict[str, int]] = None
         self._post_state: List[tuple] = []
-        self._hooks.add(model.register_forward_pre_hook(self._begin_forward))
+        self._hooks.forward_hook(model, self._begin_forward, pre=True)
         for name, module in self.layers.items():
             if detach_input:
-                self._hooks.add(module.register_forward_pre_hook(_detach_inputs))
-            self._hooks.add(module.register_forward_hook(self._make_hook(name)))
-            _PLASTIC_LAYERS.add(module)
+                self._hooks.forward_hook(module, _detach_inputs, pre=True)
+            self._hooks.forward_hook(module, self._make_hook(name))
+            _PLASTIC_LAYERS[module] = self
         # after the layers' hooks, so that on a model that is itself the plastic layer they run last
-        self._hooks.add(model.register_forward_hook(self._end_forward))
-        self._hooks.add(model.register_forward_hook(self._undo_failed_forward, always_call=True))
+        self._hooks.forward_hook(model, self._end_forward)
+        self._hooks.forward_hook(model, self._undo_failed_forward, always_call=True)
 
     def _begin_forward(self, model, args):
         """Remember the record counts and the post signals' state (k-WTA thresholds), so that a
@@ -131,8 +131,10 @@ class Plasticity(nn.Module):
     def loss(self) -> torch.Tensor:
         """Sum of the surrogate terms recorded since the last call, which it clears.
 
-        Raises (and clears nothing) when nothing was recorded, under ``torch.no_grad``, or when a
-        layer's output or post signal holds NaN or Inf.
+        Raises (and clears nothing) when nothing was recorded or under ``torch.no_grad``. Raises
+        FloatingPointError naming the layer, and drops the records (the next batch starts afresh),
+        when the sum is NaN or Inf: it says whether the layer's weights, its input or its post
+        signal held NaN or Inf. On the ``meta`` device nothing is checked.
         """
         if not torch.is_grad_enabled():
             raise RuntimeError("plastic.loss() was called under torch.no_grad(); call it where gradients are enabled")
@@ -143,46 +145,49 @@ class Plasticity(nn.Module):
                 "gradients enabled (not under torch.no_grad() or torch.inference_mode()) before plastic.loss()"
             )
         total = local_loss([r.term for r in recorded], [r.local for r in recorded if r.term.edge is not None])
-        if not torch.isfinite(total):
-            self._raise_non_finite()
-        for recs in self.records.values():
-            recs.clear()
+        if not total.is_meta and not torch.isfinite(total):  # a meta tensor has no value to check
+            message = self._non_finite_message()
+            self._clear_records()
+            raise FloatingPointError(message)
+        self._clear_records()
         return total
 
-    def _raise_non_finite(self):
+    def _clear_records(self) -> None:
+        for recs in self.records.values():
+            recs.clear()
+
+    def _non_finite_message(self) -> str:
+        """Which layer (in model order) first held NaN or Inf, and where: its weights, input or post signal."""
+        advice = "lower the learning rate, normalise the input, or use a rule with decay (instar, oja)"
         for name, recs in self.records.items():
             for r in recs:
+                bad = [p for p, t in (("weight", r.term.weight), ("bias", r.term.bias))
+                       if t is not None and not torch.isfinite(t).all()]
+                if bad:
+                    return (f"layer '{name}' has NaN or Inf in its {' and '.join(bad)}: the weights diverged; "
+                            f"{advice}, and start again from finite weights")
                 if not torch.isfinite(r.output).all():
-                    what = "output"
-                elif r.post is not None and not torch.isfinite(r.post).all():
-                    what = "post signal"
-                elif r.post is None and not torch.isfinite(r.term.correlation):  # y was let go: <y, z> tells
-                    what = "post signal (or its product with the output overflowed)"
-                else:
-                    continue
-                raise FloatingPointError(
-                    f"layer '{name}' produced NaN or Inf in its {what}; lower the learning rate, "
-                    "normalise the input, or use a rule with decay (instar, oja)"
-                )
-        raise FloatingPointError("the surrogate loss overflowed to Inf; lower the learning rate or normalise the input")
+                    return (f"layer '{name}' produced NaN or Inf in its output from a finite weight and bias: its "
+                            "input held NaN or Inf (the model input, or an earlier layer's output; check the batch) "
+                            f"or the product overflowed; {advice}")
+                if r.post is not None and not torch.isfinite(r.post).all():
+                    return f"layer '{name}' produced NaN or Inf in its post signal; {advice}"
+                if r.post is None and not torch.isfinite(r.term.correlation):  # y was let go: <y, z> tells
+                    return f"layer '{name}' produced NaN or Inf in its post signal (or its product with the output overflowed); {advice}"
+        return "the surrogate loss overflowed to Inf; lower the learning rate or normalise the input"
 
     def plastic_parameters(self) -> List[nn.Parameter]:
         """The weights and biases the rules update (pass them to an optimizer)."""
         return [p for m in self.layers.values() for p in layers.plastic_parameters(m)]
 
     def remove(self) -> None:
-        """Take every hook off and forget the records: the model is exactly as before attach()."""
-        self._hooks.remove()
+        """Take every hook off and forget the records: the model is exactly as before attach().
+        May be called twice; ``with hebbloss.attach(...) as plastic:`` calls it on exit."""
+        super().remove()
         for module in self.layers.values():
-            _PLASTIC_LAYERS.discard(module)
-        for recs in self.records.values():
-            recs.clear()
-
-    def __enter__(self) -> "Plasticity":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+            if _PLASTIC_LAYERS.get(module) is self:  # not a later handle's layer
+                del _PLASTIC_LAYERS[module]
+        self._clear_records()
 
     def extra_repr(self) -> str:
         return "\n".join(f"{n or '(model)'}: {type(m).__name__}, rule={self.rules[n]!r}" for n, m in self.layers.items())
@@ -192,13 +197,34 @@ def _detach_inputs(module, args):
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _copy_post(post: Post, module: nn.Module) -> Post:
-    """A per-layer copy of a stateful post module, bound to the layer's number of units."""
+def _check_post(post: Post, argument: str) -> None:
+    """A post signal is None, a callable, or a name :func:`hebbloss.competition.post_signal` knows."""
+    if isinstance(post, str):
+        try:
+            post_signal(post)
+        except ValueError as e:
+            raise ValueError(f"{argument} {e}") from None
+    elif post is not None and not callable(post):
+        raise TypeError(
+            f"{argument} must be None, a callable mapping a layer's output to its post signal, or a name "
+            f"({', '.join(POSTS)}), got {type(post).__name__}"
+        )
+
+
+def _copy_post(post: Post, name: str, module: nn.Module) -> Post:
+    """The layer's own post signal: a name resolved with the layer's channel axis, a stateful post
+    module copied and bound to the layer's number of units."""
+    kind = layers.layer_type_of(module)
+    if isinstance(post, str):
+        post = post_signal(post, channel_dim=-1 - kind.spatial_dims)  # from the end: batched or not
     if not isinstance(post, nn.Module):
         return post
     post = copy.deepcopy(post)
     if hasattr(post, "bind"):
-        post.bind(layers.layer_type_of(module).num_units(layers.plastic_weight(module), layers.groups_of(module)))
+        try:
+            post.bind(kind.num_units(layers.plastic_weight(module), layers.groups_of(module)))
+        except ValueError as e:
+            raise ValueError(f"layer '{name or '(model)'}': {e}") from None
     return post
 
 
@@ -214,8 +240,10 @@ def attach(
     """Make the chosen layers of ``model`` plastic under ``rule`` and return the handle.
 
     rule: a rule name or :class:`hebbloss.rules.Rule` for every chosen layer.
-    post: callable mapping a layer's output z to its post signal y (default: y = z). A stateful
-        ``nn.Module`` is copied for each layer (and ``bind(num_units)`` is called on the copy).
+    post: callable mapping a layer's output z to its post signal y (default: y = z), or its name
+        (``"relu"``, ``"kwta:4"``, ...: see :func:`hebbloss.competition.post_signal`; the channel axis
+        is the layer's). A stateful ``nn.Module`` is copied for each layer (and ``bind(num_units)``
+        is called on the copy).
     targets: which layers (see :mod:`hebbloss.selection`); default every supported layer.
     overrides: ``{pattern: {"rule": ..., "post": ...}}`` per layer name (same matching as targets;
         later patterns win).
@@ -229,6 +257,7 @@ def attach(
     rule_obj = rules.get(rule)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    _check_post(post, "post")
     chosen = select_layers(model, targets)
     again = [n or "(model)" for n, m in chosen if m in _PLASTIC_LAYERS]
     if again:
@@ -242,6 +271,7 @@ def attach(
         unknown = set(settings) - {"rule", "post"}
         if unknown:
             raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: 'rule', 'post'")
+        _check_post(settings.get("post"), f"overrides[{pattern!r}]['post']")
         hit = [n for n, _ in chosen if name_matches(pattern, n)]
         if not hit:
             raise ValueError(f"overrides pattern {pattern!r} matches none of the plastic layers: {', '.join(n for n, _ in chosen)}")
@@ -250,5 +280,5 @@ def attach(
                 rule_of[n] = rules.get(settings["rule"])
             if "post" in settings:
                 post_of[n] = settings["post"]
-    post_of = {n: _copy_post(post_of[n], m) for n, m in chosen}
+    post_of = {n: _copy_post(post_of[n], n, m) for n, m in chosen}
     return Plasticity(model, chosen, rule_of, post_of, reduction, detach_input)

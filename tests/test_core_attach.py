@@ -115,6 +115,43 @@ def test_every_layer_gets_its_own_rule_update_and_inplace_relu_does_not_spoil_it
     cap.remove()
 
 
+def _top_k(z, k, axis):
+    """z where it is among the k largest along ``axis`` (by rank), else 0."""
+    rank = z.argsort(dim=axis, descending=True).argsort(dim=axis)
+    return torch.where(rank < k, z, torch.zeros_like(z))
+
+
+def _soft_wta(z, beta, axis):
+    """softmax(beta z) along ``axis``, negated off the winner (Journe et al. 2023)."""
+    e = torch.exp(beta * (z - z.amax(dim=axis, keepdim=True)))
+    y = e / e.sum(dim=axis, keepdim=True)
+    return torch.where(z == z.amax(dim=axis, keepdim=True), y, -y)
+
+
+@pytest.mark.parametrize("name, signal", [
+    ("relu", lambda z, axis: torch.clamp(z, min=0)),
+    ("None", lambda z, axis: z),
+    ("kwta:2", lambda z, axis: _top_k(z, 2, axis)),
+    ("kwta", lambda z, axis: _top_k(z, 1, axis)),
+    ("softwta:0.5", lambda z, axis: _soft_wta(z, 0.5, axis)),
+    ("triangle:2", lambda z, axis: torch.clamp(z - z.mean(dim=axis, keepdim=True), min=0) ** 2),
+])
+def test_a_post_given_by_its_command_line_name_acts_along_each_layers_channels(name, signal):
+    """post="relu" used to be accepted and fail at the first forward ('str' object is not callable)."""
+    model = _net()
+    names = ["conv1", "conv2", "up", "fc"]
+    plastic = hebbloss.attach(model, rule="oja", post=name)
+    cap = Capture(model, names)
+    model(_x())
+    plastic.loss().backward()
+    for n in names:
+        layer = getattr(model, n)
+        post = lambda z: signal(z, channel_dim_of(layer))  # noqa: E731
+        _assert_grad_is_update(layer, _expected(layer, cap.seen[n], "oja", post))
+    plastic.remove()
+    cap.remove()
+
+
 @pytest.mark.parametrize("model", [
     # y larger than the weight: its update is taken in the hook, before the in-place op runs
     nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1), nn.SiLU(inplace=True)),

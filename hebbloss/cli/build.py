@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..attach import attach
+from ..competition import post_signal
 from .. import layers as layer_types, optim
 from ..selection import name_matches, select_layers
 from .config import ConfigError
@@ -76,27 +77,14 @@ def resolve_model(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def parse_post(spec: Optional[str], channel_dim: int = 1) -> Optional[nn.Module]:
-    """``identity`` | ``relu`` | ``kwta:K`` | ``kwta:K:MU`` (homeostasis rate MU) | ``softwta:BETA``
-    (inverse temperature BETA) -> the post-signal module for ``attach`` (None = identity)."""
-    if spec is None or str(spec).lower() in ("identity", "none"):
+    """``--post``'s value -> the post-signal module for ``attach`` (None = identity); the names are
+    :func:`hebbloss.competition.post_signal`'s: identity, relu, kwta[:K[:MU]], softwta[:BETA], triangle[:POWER]."""
+    if spec is None:
         return None
-    spec = str(spec).lower()
-    if spec == "relu":
-        return nn.ReLU()
-    kind, _, arg = spec.partition(":")
     try:
-        if kind == "kwta":
-            from ..competition import KWTA
-            k, _, mu = arg.partition(":")
-            return KWTA(k=int(k), homeostasis=float(mu or 0.0), channel_dim=channel_dim)
-        if kind == "softwta":
-            from ..competition import SoftWTA
-            return SoftWTA(inverse_temperature=float(arg), channel_dim=channel_dim)
-    except ImportError:
-        raise ConfigError(f"--post {spec}: hebbloss.competition is not available in this installation; use identity or relu") from None
+        return post_signal(spec, channel_dim=channel_dim)
     except ValueError as e:
-        raise ConfigError(f"--post {spec}: {e}") from None
-    raise ConfigError(f"--post {spec!r} is not understood; use identity, relu, kwta:K, kwta:K:MU or softwta:BETA (e.g. kwta:1, softwta:1.0)")
+        raise ConfigError(f"--post {e}") from None
 
 
 def _exact(name: str) -> str:

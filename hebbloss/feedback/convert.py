@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import layers
-from ..hooks import HookOwner
+from ..hooks import HookHandle
 from ..selection import Targets, select_layers
 from . import adjoint, modes
 from .locally_connected import LocallyConnected2d, LocalAdjoint
@@ -130,14 +130,17 @@ class _Layer:
         return _FeedbackGrad.apply(output, x, weight, feedback, self.adjoint_for(x, output), self.decay)
 
 
-class Feedback:
+class Feedback(HookHandle):
     """Handle returned by :func:`convert`: the converted layers, their B, and ``remove()``."""
 
     def __init__(self, model: nn.Module, mode: modes.Mode, chosen: Dict[str, _Layer]):
+        super().__init__()
         self.mode = mode
         self._model_name = type(model).__name__
         self._layers = chosen
-        self._hooks = HookOwner()
+        for state in chosen.values():
+            self._hooks.forward_hook(state.module, state.pre_hook, pre=True, with_kwargs=True)
+            self._hooks.forward_hook(state.module, state.forward_hook, with_kwargs=True)
 
     @property
     def layers(self) -> Dict[str, nn.Module]:
@@ -168,19 +171,14 @@ class Feedback:
                 s.active = True
 
     def remove(self) -> None:
-        """Take every hook and feedback entry off: the model is exactly as before convert()."""
-        self._hooks.remove()
+        """Take every hook and feedback entry off: the model is exactly as before convert().
+        May be called twice; ``with hebbloss.feedback.convert(...) as fb:`` calls it on exit."""
+        super().remove()
         for state in self._layers.values():
             if self.mode.entry is not None and _CONVERTED.get(state.module) is state:
                 delattr(state.module, self.mode.entry)
             if _CONVERTED.get(state.module) is state:
                 del _CONVERTED[state.module]
-
-    def __enter__(self) -> "Feedback":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         return f"Feedback(mode={self.mode.name!r}, model={self._model_name}, layers={list(self._layers)})"
@@ -240,7 +238,6 @@ def convert(
         for name, module in chosen:
             entries[name] = modes.initial_entry(mode_obj, module.weight, init, generator)
     states = {name: _Layer(name, module, mode_obj, decay, generator) for name, module in chosen}
-    handle = Feedback(model, mode_obj, states)
     for name, module in chosen:  # nothing was changed before this line
         if name in entries:
             value = entries[name]
@@ -248,11 +245,8 @@ def convert(
                 module.register_parameter(mode_obj.entry, nn.Parameter(value))
             else:
                 module.register_buffer(mode_obj.entry, value, persistent=True)
-        state = states[name]
-        _CONVERTED[module] = state
-        handle._hooks.add(module.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
-        handle._hooks.add(module.register_forward_hook(state.forward_hook, with_kwargs=True))
-    return handle
+        _CONVERTED[module] = states[name]
+    return Feedback(model, mode_obj, states)  # places the hooks
 
 
 def converted_layers(model: nn.Module) -> Dict[str, nn.Module]:

@@ -16,24 +16,17 @@ from .features import model_device
 BASELINES = ("random", "backprop")
 
 
-def _strip_hebbloss_hooks(model: nn.Module) -> None:
-    """Take hebbloss.attach's hooks off a *copy*: deepcopy keeps them pointing at the user's Plasticity."""
-    for m in model.modules():
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", "").startswith("hebbloss.")]:
-                del hooks[key]
-
-
 def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     """A deep copy of ``model`` with ``reset_parameters()`` called on every submodule that has it
     (weights re-drawn from their default init, BatchNorm statistics reset); the global RNG is untouched.
     Parameters outside such submodules (e.g. a ViT's position embedding) keep the model's values.
-    Layers pruned by torch.nn.utils.prune keep their masks and get a re-drawn ``weight_orig``."""
+    Layers pruned by torch.nn.utils.prune keep their masks and get a re-drawn ``weight_orig``.
+    The hooks of live ``attach``/``feedback.convert`` handles do nothing in the copy (it runs as the
+    plain model) and the handles keep working on ``model``."""
     pruned = [m for m in model.modules() if layers._is_pruned(m)]
     # after a training forward, a pruned layer's ``weight`` is a non-leaf tensor that deepcopy refuses
     memo = {id(m.weight): m.weight.detach().clone() for m in pruned}
-    net = copy.deepcopy(model, memo)
-    _strip_hebbloss_hooks(net)
+    net = copy.deepcopy(model, memo)  # the hooks of hebbloss handles are inert in a copy (hebbloss.hooks)
     device = model_device(net)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -136,7 +136,7 @@ def iter_features(
     try:
         for name, module in chosen:
             if module is not None and stages is None:
-                hooks.add(module.register_forward_hook(make_hook(name, module)))
+                hooks.forward_hook(module, make_hook(name, module))
         labels = torch.zeros(images.shape[0], dtype=torch.int64)
         with eval_mode(model), torch.no_grad():
             for x, _ in batches(images, labels, batch_size, device=device, mean=mean, std=std):
