@@ -34,6 +34,8 @@ class Built:
     after_step: List[Callable[[], None]] = field(default_factory=list)
     description: Dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0  # first steps that run forward only (thresholds adapt, weights do not)
+    augment: Optional[str] = None  # the recipe's training augmentation (hebbloss.data.augment), e.g. "hflip"
+    zca: Optional[Dict[str, Any]] = None  # the recipe's ZCA settings (e.g. hebbloss.zca.MICONI2021), used when zca is on
 
 
 def _reference_models():
@@ -305,5 +307,5 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
         raise
     return Built(model, plastic, optimizer, probe_layers(cfg, probe_default),
                  int(cfg.get("epochs") or recipe.epochs), int(cfg.get("batch_size") or recipe.batch_size),
-                 warmup_steps=warmup,
+                 warmup_steps=warmup, augment=recipe.augment, zca=recipe.zca,
                  description={"recipe": recipe.to_dict(), "plastic_layers": list(recipe.layers)})

@@ -148,7 +148,7 @@ def train(args, then_probe: bool = False) -> int:
     if saved is not None:
         progress = checkpoint.restore_training_state(saved, built.model, built.plastic, built.optimizer, generator, path=ckpt_path)
         state = progress_to_state(progress)
-    prepare = _preprocess(cfg, ds, saved, ckpt_path)
+    prepare = _preprocess(cfg, ds, saved, ckpt_path, built.zca)
     start_epoch = state.epoch
     epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
     if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
@@ -166,7 +166,7 @@ def train(args, then_probe: bool = False) -> int:
         built.model, built.plastic, built.optimizer, ds.train_images, prepare.to(device), epochs=epochs,
         batch_size=int(cfg.get("batch_size") or built.batch_size), generator=generator, state=state, save=save,
         checkpoint_every=cfg.get("checkpoint_every"), max_steps=cfg.get("max_steps"), after_step=built.after_step,
-        warmup_steps=built.warmup_steps,
+        warmup_steps=built.warmup_steps, augment=built.augment,
         device=device, progress=bool(cfg.get("progress", True)),
     )
     previous = report.read_results(folder).get("train", {})
@@ -205,7 +205,7 @@ def probe(args) -> int:
         built.plastic.remove()
         checkpoint.check_fits(built.model, saved["model"], "model", ckpt_path)
         built.model.load_state_dict(saved["model"])
-        prepare = _preprocess(cfg, ds, saved, ckpt_path)
+        prepare = _preprocess(cfg, ds, saved, ckpt_path, built.zca)
         model, probe_layers, first = built.model, built.probe_layers, _first_layer(built)
     else:
         cfg = build.resolve_model(config.merge(flags))
@@ -219,7 +219,7 @@ def probe(args) -> int:
         from ..selection import select_layers
 
         first = select_layers(model, cfg.get("layers"))[0]
-        prepare = _preprocess(cfg, ds)
+        prepare = _preprocess(cfg, ds, zca=getattr(getattr(model, "recipe", None), "zca", None))
         cfg["dataset"] = cfg.get("dataset") or _default_dataset()
         folder.mkdir(parents=True, exist_ok=True)
         config.write(folder / CONFIG, cfg)
@@ -241,11 +241,12 @@ def _accepted(fn, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _preprocess(cfg, ds, saved=None, path=None) -> Preprocess:
-    """The run's input preprocessing: from the checkpoint when there is one, else fitted on the training images."""
-    prepare = Preprocess(zca=bool(cfg.get("zca")))
+def _preprocess(cfg, ds, saved=None, path=None, zca=None) -> Preprocess:
+    """The run's input preprocessing: from the checkpoint when there is one, else fitted on the training
+    images. ``zca``: the recipe's ZCA settings (e.g. Miconi 2021's), used when the run whitens."""
+    prepare = Preprocess(zca=(zca or True) if cfg.get("zca") else False)
     if saved is None:
-        return prepare.fit(ds.train_images)
+        return prepare.fit(ds.train_images, generator=torch.Generator().manual_seed(int(cfg.get("seed") or 0)))
     if "preprocess" not in saved:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds no input preprocessing; it was not written by `hebbloss train`")
     try:  # a fresh module: a failed load changes nothing that matters

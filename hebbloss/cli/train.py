@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint
+from ..data.augment import check_name, flip_mask, hflip
 
 
 @dataclass
@@ -90,6 +91,7 @@ class _Run:
     warmup_steps: int
     device: Any
     progress: bool
+    augment: Optional[str] = None  # the recipe's training augmentation (hebbloss.data.augment), e.g. "hflip"
     losses: List[float] = field(default_factory=list)  # mean loss of each epoch run here (the last one maybe partial)
     done_here: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -106,9 +108,17 @@ class _Run:
             self.generator.set_state(state.epoch_rng)
         return torch.randperm(self.images.shape[0], generator=self.generator)
 
-    def step(self, state: TrainState, idx: torch.Tensor) -> float:
+    def epoch_flips(self) -> Optional[torch.Tensor]:
+        """Which images a horizontal flip mirrors this epoch (drawn right after the epoch's order, so a
+        resumed epoch redraws the same ones), or None without augmentation."""
+        return None if self.augment is None else flip_mask(self.images.shape[0], self.generator)
+
+    def step(self, state: TrainState, idx: torch.Tensor, flips: Optional[torch.Tensor] = None) -> float:
         """One training step on the images ``idx`` (forward only during the warm-up); counts it in ``state``."""
-        loss = train_step(self.model, self.plastic, self.optimizer, self.prepare(self.images[idx].to(self.device)),
+        batch = self.images[idx].to(self.device)
+        if flips is not None:
+            batch = hflip(batch, flips[idx])
+        loss = train_step(self.model, self.plastic, self.optimizer, self.prepare(batch),
                           learn=state.global_step >= self.warmup_steps, after_step=self.after_step)
         state.step_in_epoch, state.global_step, self.done_here = state.step_in_epoch + 1, state.global_step + 1, self.done_here + 1
         return loss
@@ -125,12 +135,13 @@ class _Run:
     def epoch(self, state: TrainState, stop: _StopFlag) -> bool:
         """The rest of the current epoch, then a checkpoint; True when it stopped early (checkpoint written)."""
         order = self.epoch_order(state)
+        flips = self.epoch_flips()
         total, count = 0.0, 0
         bar = tqdm(range(state.step_in_epoch, self.steps_per_epoch), desc=f"epoch {state.epoch + 1}/{self.epochs}",
                    disable=not self.progress, leave=False, unit="batch", mininterval=1.0)
         with bar:
             for step in bar:
-                total, count = total + self.step(state, order[step * self.batch_size:(step + 1) * self.batch_size]), count + 1
+                total, count = total + self.step(state, order[step * self.batch_size:(step + 1) * self.batch_size], flips), count + 1
                 bar.set_postfix(loss=f"{total / count:.4g}")
                 if state.step_in_epoch == self.steps_per_epoch:
                     break  # the end-of-epoch checkpoint below covers this step
@@ -175,18 +186,20 @@ def run_training(
     warmup_steps: int = 0,
     device="cpu",
     progress: bool = True,
+    augment: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` through the ``plastic`` handle for ``epochs`` epochs from ``state`` on uint8
     ``images`` turned into inputs by ``prepare``; ``save(state)``
     is called every ``checkpoint_every`` steps, at the end of every epoch and when stopping early.
     The first ``warmup_steps`` steps overall run the forward pass only (k-WTA thresholds adapt; no
-    weight update), as Miconi 2021's code does for 200 batches.
+    weight update), as Miconi 2021's code does for 200 batches. ``augment`` ("hflip" or None) mirrors
+    a random half of the images each epoch, as Miconi 2021's Hebbian training does.
 
     Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
     "seconds"}.
     """
     run = _Run(model, plastic, optimizer, images, prepare, epochs, batch_size, generator, save, checkpoint_every, max_steps,
-               after_step, warmup_steps, device, progress)
+               after_step, warmup_steps, device, progress, check_name(augment))
     model.train()
     with _StopFlag() as stop:
         while state.epoch < epochs:
