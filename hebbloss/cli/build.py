@@ -161,8 +161,9 @@ def _post_with_overrides(chosen, spec):
     overrides = {}
     if isinstance(post, nn.Module) and hasattr(post, "channel_dim"):
         for name, module in chosen:
-            if layer_types.layer_type_of(module).spatial_dims == 0:
-                overrides[_exact(name)] = {"post": parse_post(spec, channel_dim=-1)}
+            channel_dim = layer_types.layer_type_of(module).post_channel_dim
+            if channel_dim != 1:
+                overrides[_exact(name)] = {"post": parse_post(spec, channel_dim=channel_dim)}
     return post, overrides
 
 
@@ -263,7 +264,7 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
         if cfg.get("rule") is not None:
             lay.rule = str(cfg["rule"])
         if cfg.get("post") is not None:
-            lay.post = parse_post(cfg["post"], channel_dim=-1 if isinstance(model.get_submodule(name), nn.Linear) else 1)
+            lay.post = parse_post(cfg["post"], channel_dim=layer_types.layer_type_of(model.get_submodule(name)).post_channel_dim)
         if cfg.get("lr") is not None:
             lay.lr = float(cfg["lr"])
         for pattern, value in (cfg.get("layer_lr") or {}).items():
