@@ -140,7 +140,10 @@ class Convolution(LayerType):
     name = "conv"
 
     def of(self, module):
-        return _kind(type(self), len(module.kernel_size), bool(module.transposed))
+        kernel = getattr(module, "kernel_size", None)  # a layer registered with CONV[n] may not have one
+        if kernel is None:
+            return self
+        return _kind(type(self), len(kernel), bool(getattr(module, "transposed", False)))
 
     def adjoint(self, module, x, output):
         return ConvAdjoint(self.geometry(module, x, output))
