@@ -10,10 +10,11 @@ from .attach import Plasticity, attach
 from .competition import KWTA, SoftWTA, Triangle
 from .selection import select_layers
 from .surrogate import surrogate_loss
+from .validate import validate
 from .zca import ZCA
 
 __all__ = [
     "KWTA", "Plasticity", "SoftWTA", "Triangle", "ZCA", "attach", "competition", "data", "feedback",
-    "layers", "models", "probe", "prune", "rules", "select_layers", "softhebb", "surrogate_loss", "zca",
+    "layers", "models", "probe", "prune", "rules", "select_layers", "softhebb", "surrogate_loss", "validate", "zca",
 ]
 __version__ = "0.1.0"

@@ -23,8 +23,9 @@ from torch import nn
 from . import layers, rules
 from .competition import POSTS, post_signal
 from .hooks import HookHandle
-from .selection import Targets, name_matches, select_layers
+from .selection import Targets, name_matches
 from .local import LocalTerm, local_loss, local_term
+from .validate import validate
 
 _PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
 Post = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
@@ -252,13 +253,13 @@ def attach(
         a surrogate's nor a task loss's - passes a plastic layer back to earlier ones, and backward
         skips input gradients. False keeps the model's graph whole for mixing with backprop; each
         surrogate is then computed on a re-run of its layer on the detached input (one extra forward).
-    Every check runs before any hook is placed.
+    Every check runs before any hook is placed; :func:`hebbloss.validate` lists the layers first.
     """
+    chosen = list(validate(model, targets, rule, strict=True).modules.items())
     rule_obj = rules.get(rule)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     _check_post(post, "post")
-    chosen = select_layers(model, targets)
     again = [n or "(model)" for n, m in chosen if m in _PLASTIC_LAYERS]
     if again:
         raise ValueError(

@@ -56,40 +56,67 @@ def _bypassed_modules(model: nn.Module) -> set:
     return {id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.children()}
 
 
-def select_layers(
+def survey(
     model: nn.Module,
-    targets: Targets = None,
-    supported: Callable[[nn.Module], Optional[str]] = layers._reason_unsupported,
-    purpose: str = "made plastic",
-) -> List[Tuple[str, nn.Module]]:
-    """The (name, module) pairs of ``model`` chosen by ``targets``, in model order.
-
-    With ``targets=None`` every supported layer is chosen. Raises ValueError, before anything
-    is changed, when nothing matches (listing what the model has) or when a chosen layer, or a
-    subclass of a supported type that overrides its forward, is unsupported (listing each with its reason).
-    """
+    targets: Targets,
+    supported: Callable[[nn.Module], Optional[str]],
+    candidate: Callable[[nn.Module], bool],
+    purpose: str,
+    supported_names: Sequence[str],
+) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, str]], List[str]]:
+    """Apply ``targets`` to ``model`` without raising: (accepted (name, module) pairs in model order,
+    refused (name, reason) pairs, other problems). ``targets=None`` chooses every ``candidate``;
+    each chosen layer is then checked with ``supported`` (a reason or None). A target of a wrong
+    kind raises TypeError at once."""
     named = list(model.named_modules())
     if targets is None:
-        chosen = [(n, m) for n, m in named if layers.has_registered_base(m)]
+        chosen = [(n, m) for n, m in named if candidate(m)]
     else:
         items = _as_list(targets)
         chosen = [(n, m) for n, m in named if any(_matches(t, n, m) for t in items)]
         if not chosen:
-            have = [f"{n or '(model)'} ({type(m).__name__})" for n, m in named if layers.has_registered_base(m)]
-            raise ValueError(
+            have = [f"{n or '(model)'} ({type(m).__name__})" for n, m in named if candidate(m)]
+            return [], [], [
                 f"targets={targets!r} matched no module of {type(model).__name__}; its layers that can be "
                 f"{purpose} are: {', '.join(have) or 'none'}. A string matches a qualified name exactly, "
                 "as a suffix after '.', as a glob or as a regular expression."
-            )
+            ]
+    if not chosen:
+        return [], [], [f"{type(model).__name__} has no layer that can be {purpose} (supported: {', '.join(supported_names)})"]
     bypassed = _bypassed_modules(model)
-    refused = [(n, BYPASSED if id(m) in bypassed else supported(m)) for n, m in chosen]
-    refused = [(n, r) for n, r in refused if r is not None]
+    reasons = {n: BYPASSED if id(m) in bypassed else supported(m) for n, m in chosen}
+    refused = [(n, r) for n, r in reasons.items() if r is not None]
+    return [(n, m) for n, m in chosen if reasons[n] is None], refused, []
+
+
+def failure(model_name: str, refused: Sequence[Tuple[str, str]], problems: Sequence[str], purpose: str) -> Optional[str]:
+    """The error message for ``refused`` layers and other ``problems`` (None when there are none)."""
+    parts = list(problems)
     if refused:
         lines = "\n".join(f"  - {n or '(model)'}: {r}" for n, r in refused)
-        raise ValueError(
-            f"these layers of {type(model).__name__} cannot be {purpose}:\n{lines}\n"
+        parts.append(
+            f"these layers of {model_name} cannot be {purpose}:\n{lines}\n"
             "Leave them out with targets=... (a list of names, globs, regexes, types or a predicate)."
         )
-    if not chosen:
-        raise ValueError(f"{type(model).__name__} has no layer that can be {purpose} (supported: Linear, Conv*d, ConvTranspose*d)")
+    return "\n".join(parts) or None
+
+
+def select_layers(
+    model: nn.Module,
+    targets: Targets = None,
+    supported: Callable[[nn.Module], Optional[str]] = layers.why_unsupported,
+    purpose: str = "made plastic",
+) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs of ``model`` chosen by ``targets``, in model order.
+
+    With ``targets=None`` every layer of a registered family is chosen. Raises ValueError, before
+    anything is changed, when nothing matches (listing what the model has) or when a chosen layer, or
+    a subclass of a supported type that overrides its forward, is unsupported (listing each with its
+    reason). :func:`hebbloss.validate` reports the same without raising.
+    """
+    chosen, refused, problems = survey(model, targets, supported, layers.has_registered_base, purpose,
+                                       layers.supported_names())
+    message = failure(type(model).__name__, refused, problems, purpose)
+    if message is not None:
+        raise ValueError(message)
     return chosen

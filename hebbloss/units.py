@@ -11,7 +11,7 @@ from . import layers
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight the layer computes with: ``weight_orig * weight_mask`` when pruned, else ``weight``."""
-    if layers._is_pruned(module):
+    if layers.is_pruned(module):
         return module.weight_orig * module.weight_mask
     return module.weight
 

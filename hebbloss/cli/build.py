@@ -146,8 +146,9 @@ def _post_with_overrides(chosen, spec):
     overrides = {}
     if isinstance(post, nn.Module) and hasattr(post, "channel_dim"):
         for name, module in chosen:
-            if layer_types.layer_type_of(module).spatial_dims == 0:
-                overrides[_exact(name)] = {"post": parse_post(spec, channel_dim=-1)}
+            channel_dim = layer_types.layer_type_of(module).post_channel_dim
+            if channel_dim != 1:
+                overrides[_exact(name)] = {"post": parse_post(spec, channel_dim=channel_dim)}
     return post, overrides
 
 
@@ -297,7 +298,7 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
                     "a recipe's post signal cannot be rebuilt from its description: leave post unset for the recipe's, "
                     "or give one of identity, relu, kwta:K, softwta:BETA")
         elif posts[name] is not None:
-            lay.post = parse_post(posts[name], channel_dim=-1 if isinstance(model.get_submodule(name), nn.Linear) else 1)
+            lay.post = parse_post(posts[name], channel_dim=layer_types.layer_type_of(model.get_submodule(name)).post_channel_dim)
         lay.lr = rates[name]
     plastic = recipe.attach(model)
     try:

@@ -14,8 +14,8 @@ Design (one forward, no copies, any forward that is linear in W):
 2. a forward hook returns the layer's output through ``_FeedbackGrad``, an autograd.Function whose
    forward is the identity (a detached alias, so later in-place ops such as ReLU(inplace=True) stay
    legal) and whose backward passes delta on to the layer's graph and returns the input gradient
-   computed with B (:mod:`hebbloss.feedback.adjoint`), plus, for trainable B (urfb, kp), B's
-   gradient delta * x^T (and the Kolen-Pollack decay terms).
+   computed with B (the adjoint that the layer's family declares in :mod:`hebbloss.layers`), plus, for
+   trainable B (urfb, kp), B's gradient delta * x^T (and the Kolen-Pollack decay terms).
 The cost is that of backprop, plus one weight-gradient product per layer for urfb and kp.
 The model keeps its module instances and state_dict keys; B (or its magnitude M) is added to each
 layer as a persistent entry ``feedback_weight`` (buffer, or Parameter for urfb/kp) or
@@ -32,14 +32,11 @@ from torch import nn
 
 from .. import layers
 from ..hooks import HookHandle
-from ..selection import Targets, select_layers
-from . import adjoint, modes
-from .locally_connected import LocallyConnected2d, LocalAdjoint
+from ..selection import Targets
+from ..validate import validate
+from . import modes
 
 _CONVERTED: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-SUPPORTED = ("Linear, Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups), ConvTranspose1d/2d/3d, "
-             "timm Conv2dSame, LocallyConnected2d")
 
 
 class _FeedbackGrad(torch.autograd.Function):
@@ -64,41 +61,17 @@ class _FeedbackGrad(torch.autograd.Function):
         return delta, grad_x, grad_w, grad_b, None, None
 
 
-class _LinearAdjoint:
-    @staticmethod
-    def input_grad(delta, x, feedback):
-        return adjoint.linear_input_grad(delta, feedback).to(x.dtype)
-
-    @staticmethod
-    def weight_grad(delta, x, feedback):
-        return adjoint.linear_weight_grad(delta, x).to(feedback.dtype)
-
-
-class _ConvAdjoint:
-    def __init__(self, geom: adjoint.ConvGeometry):
-        self.geom = geom
-
-    def input_grad(self, delta, x, feedback):
-        return adjoint.conv_input_grad(delta, x, feedback, self.geom)
-
-    def weight_grad(self, delta, x, feedback):
-        return adjoint.conv_weight_grad(delta, x, feedback, self.geom)
-
-
 class _Layer:
     """One converted layer: its mode, its decay and the input of the call under way."""
 
     def __init__(self, name: str, module: nn.Module, mode: modes.Mode, decay: float, generator):
         self.name, self.module, self.mode, self.decay, self.generator = name, module, mode, decay, generator
+        self.kind = layers.layer_type_of(module, "feedback")
         self.x: Optional[torch.Tensor] = None
         self.active = True
 
-    def adjoint_for(self, x: torch.Tensor, output: torch.Tensor):
-        if isinstance(self.module, LocallyConnected2d):
-            return LocalAdjoint(self.module)
-        if isinstance(self.module, _CONV):
-            return _ConvAdjoint(adjoint.conv_geometry(self.module, x, output))
-        return _LinearAdjoint
+    def adjoint_for(self, x: torch.Tensor, output: torch.Tensor) -> layers.Adjoint:
+        return self.kind.adjoint(self.module, x, output)
 
     def pre_hook(self, module, args, kwargs):
         self.x = None
@@ -184,23 +157,14 @@ class Feedback(HookHandle):
         return f"Feedback(mode={self.mode.name!r}, model={self._model_name}, layers={list(self._layers)})"
 
 
-def _reason_unsupported(module: nn.Module) -> Optional[str]:
+def _in_use(module: nn.Module) -> Optional[str]:
+    """Why a layer that can be converted cannot be now: it is converted already, or has our attribute."""
     if module in _CONVERTED:
         return "already converted by hebbloss.feedback.convert(); call .remove() on that handle first"
-    if not isinstance(module, LocallyConnected2d):
-        reason = layers._reason_unsupported(module)
-        if reason is not None:
-            return reason
-        if not isinstance(module, (nn.Linear,) + _CONV):
-            return f"{type(module).__name__} cannot be converted to feedback learning (supported: {SUPPORTED})"
     clash = [n for n in (modes.FEEDBACK_WEIGHT, modes.FEEDBACK_MAGNITUDE) if hasattr(module, n)]
     if clash:
         return f"{type(module).__name__} already has an attribute {clash[0]!r}, which convert() would add"
     return None
-
-
-def _default_target(name: str, module: nn.Module) -> bool:
-    return layers.has_registered_base(module) or isinstance(module, LocallyConnected2d)
 
 
 def convert(
@@ -215,7 +179,8 @@ def convert(
     """Make the chosen layers of ``model`` learn with feedback weights B instead of W^T.
 
     mode: "bp", "fa", "usf", "frsf", "brsf", "urfb" or "kp" (see :mod:`hebbloss.feedback.modes`).
-    targets: which layers (see :mod:`hebbloss.selection`); default every Linear/Conv layer.
+    targets: which layers (see :mod:`hebbloss.selection`); default every layer of a registered family
+        (:mod:`hebbloss.layers`: Linear, Conv*d, ConvTranspose*d, LocallyConnected2d, timm's Conv2dSame).
     init: initial B (fa, urfb, kp) or M (frsf, brsf): "random" (N(0, std W)), "weight" (a copy of
         W: urfb/kp then reproduce backprop) or a callable(weight) -> tensor.
     weight_decay: Kolen-Pollack decay on W and B, added to their gradients (kp only; default 1e-3).
@@ -229,10 +194,12 @@ def convert(
     decay = 1e-3 if weight_decay is None and mode_obj.decays else float(weight_decay or 0.0)
     if decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if targets is None and not any(_default_target(n, m) for n, m in model.named_modules()):
-        raise ValueError(f"{type(model).__name__} has no layer that can be converted (supported: {SUPPORTED})")
-    chosen = select_layers(model, _default_target if targets is None else targets,
-                           supported=_reason_unsupported, purpose="converted to feedback learning")
+    report = validate(model, targets, purpose="feedback")
+    for name, module in list(report.modules.items()):
+        reason = _in_use(module)
+        if reason is not None:
+            report.refuse(name, reason)
+    chosen = list(report.raise_if_invalid().modules.items())
     entries = {}
     if mode_obj.entry is not None:
         for name, module in chosen:
@@ -254,5 +221,6 @@ def converted_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if m in _CONVERTED}
 
 
-def _layer_state(module: nn.Module) -> Optional[_Layer]:
+def layer_state(module: nn.Module) -> Optional[_Layer]:
+    """The live conversion of ``module`` (its mode, decay and activity), or None when not converted."""
     return _CONVERTED.get(module)

@@ -103,35 +103,6 @@ class LocallyConnected2d(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class LocalAdjoint:
-    """Backward halves of :func:`local_conv2d` for :mod:`hebbloss.feedback.convert`."""
-
-    def __init__(self, module: LocallyConnected2d):
-        self.m = module
-
-    def _split(self, delta, weight):
-        m, n = self.m, delta.shape[0]
-        oh, ow, out_ch = weight.shape[:3]
-        d = delta.reshape(n, m.groups, out_ch // m.groups, oh * ow)
-        return d, weight.reshape(oh * ow, m.groups, out_ch // m.groups, -1)
-
-    def input_grad(self, delta, x, feedback):
-        """fold (the adjoint of unfold) of the per-position products of delta with B."""
-        m = self.m
-        d, b = self._split(delta, feedback.to(delta.dtype))
-        patches = torch.einsum("ngol,lgok->ngkl", d, b).reshape(delta.shape[0], -1, d.shape[-1])
-        grad = F.fold(patches, x.shape[-2:], m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        return grad.to(x.dtype)
-
-    def weight_grad(self, delta, x, feedback):
-        """delta * patch^T at every position, in the weight's layout."""
-        m = self.m
-        d, _ = self._split(delta, feedback)
-        patches = F.unfold(x.to(delta.dtype), m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        patches = patches.reshape(x.shape[0], m.groups, -1, d.shape[-1])
-        return torch.einsum("ngol,ngkl->lgok", d, patches).reshape(feedback.shape).to(feedback.dtype)
-
-
 def _numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     if isinstance(conv.padding, str):
         pads = conv._reversed_padding_repeated_twice  # [left_w, right_w, left_h, right_h]
@@ -142,7 +113,7 @@ def _numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
 def _reason_not_untieable(module: nn.Module) -> Optional[str]:
     if not isinstance(module, nn.Conv2d):
         return f"{type(module).__name__} is not a Conv2d"
-    reason = layers._reason_unsupported(module)
+    reason = layers.why_unsupported(module)
     if reason is not None:
         return reason
     if type(module).forward is not nn.Conv2d.forward:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..hooks import HookOwner
-from .convert import _layer_state
+from .convert import layer_state
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,7 +24,7 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _states(model: nn.Module):
-    found = {n: _layer_state(m) for n, m in model.named_modules() if _layer_state(m) is not None}
+    found = {n: layer_state(m) for n, m in model.named_modules() if layer_state(m) is not None}
     if not found:
         raise ValueError(f"{type(model).__name__} has no layer converted by hebbloss.feedback.convert()")
     return found

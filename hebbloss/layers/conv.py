@@ -2,17 +2,172 @@
 
 A convolution stores its weight as [out, in/groups, *kernel]; a transposed one as
 [in, out/groups, *kernel], so its units are gathered across groups (LayerType.transposed).
+
+Its backward halves, for the feedback modes, as pure functions of the error delta = dL/dz:
+the input gradient is the transposed operator applied to delta with any weight B in place of W
+(B = W is backprop; B != W is feedback alignment, Lillicrap et al. 2016); the weight gradient is
+delta * x^T (Amit 2019 gives B the same one). Both use ``torch.ops.aten.convolution_backward``
+(the kernel autograd itself calls for convolutions); they are computed in delta's dtype (autocast)
+and returned in the dtype of x and B.
 """
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import LayerType, register
 
-CONV = {n: LayerType(f"conv{n}d", spatial_dims=n) for n in (1, 2, 3)}
-CONV_TRANSPOSE = {n: LayerType(f"conv_transpose{n}d", spatial_dims=n, transposed=True) for n in (1, 2, 3)}
 
-register(nn.Conv1d, layer_type=CONV[1])
-register(nn.Conv2d, layer_type=CONV[2])
-register(nn.Conv3d, layer_type=CONV[3])
-register(nn.ConvTranspose1d, layer_type=CONV_TRANSPOSE[1])
-register(nn.ConvTranspose2d, layer_type=CONV_TRANSPOSE[2])
-register(nn.ConvTranspose3d, layer_type=CONV_TRANSPOSE[3])
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How an N-d convolution maps its input: optional explicit padding (F.pad order), then a conv.
+
+    pads is None when the padding is symmetric zeros, passed to the convolution as ``padding``.
+    A transposed convolution (weight [in, out/groups, ...]) has no explicit padding; its
+    output_padding is the one of the call (it depends on ``output_size`` when that is given).
+    """
+
+    dims: int
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    pads: Optional[Tuple[int, ...]] = None
+    mode: str = "constant"
+    transposed: bool = False
+    output_padding: Tuple[int, ...] = ()
+
+
+def symmetric_or_explicit(pads: Sequence[int], mode: str, common: dict) -> ConvGeometry:
+    """Padding ``pads`` (F.pad order) as the convolution's own when symmetric, else as explicit pads."""
+    pads = [int(p) for p in pads]
+    left, right = pads[0::2], pads[1::2]  # last dimension first, as F.pad wants
+    if left == right:
+        return ConvGeometry(padding=tuple(reversed(left)), **common)
+    return ConvGeometry(padding=(0,) * common["dims"], pads=tuple(pads), mode=mode, **common)
+
+
+def _output_padding(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> Tuple[int, ...]:
+    """The output_padding that gave ``output`` from ``x``: out = (in-1)s - 2p + d(k-1) + 1 + output_padding."""
+    if output is None:
+        raise ValueError(f"{type(module).__name__} is a transposed convolution: pass its output to geometry()")
+    dims = len(module.kernel_size)
+    return tuple(
+        int(o - ((i - 1) * s - 2 * p + d * (k - 1) + 1))
+        for i, o, s, p, d, k in zip(x.shape[-dims:], output.shape[-dims:], module.stride, module.padding,
+                                    module.dilation, module.kernel_size)
+    )
+
+
+def _batched(t: torch.Tensor, dims: int) -> torch.Tensor:
+    return t if t.dim() == dims + 2 else t.unsqueeze(0)
+
+
+def _padded_shape(shape: torch.Size, pads: Sequence[int]) -> List[int]:
+    out = list(shape)
+    for i in range(len(pads) // 2):
+        out[-1 - i] += pads[2 * i] + pads[2 * i + 1]
+    return out
+
+
+def _conv_backward(delta, x, weight, geom: ConvGeometry, mask):
+    return torch.ops.aten.convolution_backward(
+        delta, x, weight, None, geom.stride, geom.padding, geom.dilation, geom.transposed,
+        list(geom.output_padding) or [0] * geom.dims, geom.groups, mask,
+    )
+
+
+def conv_input_grad(delta: torch.Tensor, x: torch.Tensor, feedback: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """The adjoint of the convolution applied to delta with B in place of W (then the adjoint of the
+    input padding): a transposed convolution for a convolution, a convolution for a transposed one."""
+    unbatched = x.dim() == geom.dims + 1
+    xb, db = _batched(x, geom.dims), _batched(delta, geom.dims)
+    fb = feedback.to(delta.dtype)
+    if geom.pads is None:
+        shape_src = xb.to(delta.dtype) if xb.dtype != delta.dtype else xb
+    else:  # only the shape of the padded input is read for the input gradient
+        shape_src = db.new_empty(()).expand(_padded_shape(xb.shape, geom.pads))
+    grad = _conv_backward(db, shape_src, fb, geom, [True, False, False])[0]
+    if geom.pads is not None:
+        grad = _unpad(grad, xb, geom)
+    grad = grad.to(x.dtype)
+    return grad.squeeze(0) if unbatched else grad
+
+
+def _unpad(grad: torch.Tensor, xb: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """Adjoint of F.pad: a crop for zero padding, autograd's own for reflect/replicate/circular."""
+    if geom.mode == "constant" and min(geom.pads) >= 0:
+        index = [slice(None)] * grad.dim()
+        for i in range(len(geom.pads) // 2):
+            index[grad.dim() - 1 - i] = slice(geom.pads[2 * i], geom.pads[2 * i] + xb.shape[-1 - i])
+        return grad[tuple(index)]
+    _, pullback = torch.func.vjp(lambda t: F.pad(t, list(geom.pads), mode=geom.mode), xb.to(grad.dtype))
+    return pullback(grad)[0]
+
+
+def conv_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """delta * x^T for a convolution: the gradient of its weight (of ``weight``'s shape)."""
+    xb, db = _batched(x, geom.dims).to(delta.dtype), _batched(delta, geom.dims)
+    if geom.pads is not None:
+        xb = F.pad(xb, list(geom.pads), mode=geom.mode)
+    grad = _conv_backward(db, xb, weight.to(delta.dtype), geom, [False, True, False])[1]
+    return grad.to(weight.dtype)
+
+
+class ConvAdjoint:
+    """:func:`conv_input_grad` and :func:`conv_weight_grad` for one call's geometry."""
+
+    def __init__(self, geom: ConvGeometry):
+        self.geom = geom
+
+    def input_grad(self, delta, x, feedback):
+        return conv_input_grad(delta, x, feedback, self.geom)
+
+    def weight_grad(self, delta, x, feedback):
+        return conv_weight_grad(delta, x, feedback, self.geom)
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class Convolution(LayerType):
+    """Units are dimension 1 of a batched output (0 unbatched); any stride, padding, padding_mode,
+    dilation and groups. The registered family picks the dimension and transposition of each layer."""
+
+    name = "conv"
+
+    def of(self, module):
+        kernel = getattr(module, "kernel_size", None)  # a layer registered with CONV[n] may not have one
+        if kernel is None:
+            return self
+        return _kind(type(self), len(kernel), bool(getattr(module, "transposed", False)))
+
+    def adjoint(self, module, x, output):
+        return ConvAdjoint(self.geometry(module, x, output))
+
+    def geometry(self, module: nn.Module, x: torch.Tensor, output: Optional[torch.Tensor] = None) -> ConvGeometry:
+        """The geometry ``module`` uses on input ``x``; a transposed convolution also needs the
+        ``output`` of that call."""
+        dims = len(module.kernel_size)
+        common = dict(dims=dims, stride=tuple(module.stride), dilation=tuple(module.dilation), groups=module.groups)
+        if module.transposed:
+            return ConvGeometry(padding=tuple(module.padding), transposed=True,
+                                output_padding=_output_padding(module, x, output), **common)
+        if module.padding_mode != "zeros":
+            return ConvGeometry(padding=(0,) * dims, pads=tuple(module._reversed_padding_repeated_twice),
+                                mode=module.padding_mode, **common)
+        if isinstance(module.padding, str):  # "same" (possibly one more on the right) or "valid"
+            return symmetric_or_explicit(list(module._reversed_padding_repeated_twice), "constant", common)
+        return ConvGeometry(padding=tuple(module.padding), **common)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(family: type, dims: int, transposed: bool) -> Convolution:
+    return family(f"conv_transpose{dims}d" if transposed else f"conv{dims}d", spatial_dims=dims, transposed=transposed)
+
+
+CONV = {n: _kind(Convolution, n, False) for n in (1, 2, 3)}
+CONV_TRANSPOSE = {n: _kind(Convolution, n, True) for n in (1, 2, 3)}

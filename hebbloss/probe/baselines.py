@@ -23,7 +23,7 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     Layers pruned by torch.nn.utils.prune keep their masks and get a re-drawn ``weight_orig``.
     The hooks of live ``attach``/``feedback.convert`` handles do nothing in the copy (it runs as the
     plain model) and the handles keep working on ``model``."""
-    pruned = [m for m in model.modules() if layers._is_pruned(m)]
+    pruned = [m for m in model.modules() if layers.is_pruned(m)]
     # after a training forward, a pruned layer's ``weight`` is a non-leaf tensor that deepcopy refuses
     memo = {id(m.weight): m.weight.detach().clone() for m in pruned}
     net = copy.deepcopy(model, memo)  # the hooks of hebbloss handles are inert in a copy (hebbloss.hooks)
@@ -34,7 +34,7 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
             for m in net.modules():
                 if callable(getattr(m, "reset_parameters", None)):
                     m.reset_parameters()
-                    if layers._is_pruned(m):  # reset_parameters re-drew ``weight``; the layer computes with weight_orig
+                    if layers.is_pruned(m):  # reset_parameters re-drew ``weight``; the layer computes with weight_orig
                         m.weight_orig.copy_(m.weight)
                         m.weight = m.weight_orig * m.weight_mask
     return net

@@ -75,7 +75,7 @@ def timm_stage_indices(model: nn.Module, chosen: Sequence[Tuple[str, Optional[nn
 
 def _channel_dim(module: Optional[nn.Module], output: torch.Tensor) -> int:
     """Where the channels of ``output`` are: the layer registry knows Linear (last) and Conv (1)."""
-    if module is not None and layer_registry._reason_unsupported(module) is None:
+    if module is not None and layer_registry.why_unsupported(module) is None:
         return layer_registry.layer_type_of(module).channel_dim(output)
     return 1
 
