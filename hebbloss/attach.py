@@ -22,10 +22,10 @@ from torch import nn
 
 from . import layers, rules
 from .competition import POSTS, post_signal
-from .hooks import HookHandle
+from ._hooks import HookHandle
 from .selection import Targets, name_matches
-from .local import LocalTerm, local_loss, local_term
-from .validate import validate
+from ._local import LocalTerm, local_loss, local_term
+from .validation import validate
 
 _PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
 Post = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
@@ -42,7 +42,7 @@ class Record:
     @property
     def post(self) -> Optional[torch.Tensor]:
         """y; None where the layer's Hebbian update was computed at once and y let go (where y is
-        larger than the weight; see :mod:`hebbloss.local`)."""
+        larger than the weight; see the private module ``hebbloss._local``)."""
         return self.term.post
 
 

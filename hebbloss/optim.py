@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import layers, units
-from .hooks import HookOwner
+from . import _units as units, layers
+from ._hooks import HookOwner
 from .selection import name_matches
 
 LayersLike = Union[Mapping[str, nn.Module], "object"]  # a name->module mapping or a Plasticity handle

@@ -66,7 +66,7 @@ class _Surrogate(torch.autograd.Function):
     layer's own backward, giving sum y x_patch, and on to whatever else the output's graph reaches)
     and scale*S_c*W_c, scale*S_c*b_c for the decay. This equals autograd of the plain expression (the
     property tests check it in float64) and saves the graph nodes and temporaries of that expression.
-    :func:`hebbloss.attach`, whose layers see a detached input, uses :mod:`hebbloss.local` instead.
+    :func:`hebbloss.attach`, whose layers see a detached input, uses the private module ``hebbloss._local`` instead.
     """
 
     @staticmethod

@@ -101,7 +101,7 @@ def test_every_layer_gets_its_own_rule_update_and_inplace_relu_does_not_spoil_it
     plastic = hebbloss.attach(model, rule=rule, post=post)
     cap = Capture(model, names)
     model(_x())
-    for n in names:  # y is kept exactly where it is not larger than the weight (hebbloss/local.py)
+    for n in names:  # y is kept exactly where it is not larger than the weight (hebbloss/_local.py)
         record, weight = plastic.records[n][0], getattr(model, n).weight
         if cap.seen[n][0][1].numel() > weight.numel():
             assert record.post is None
@@ -336,7 +336,7 @@ def test_detach_input_false_keeps_the_model_graph_but_the_surrogate_stays_local(
 # plastic.loss() is one autograd node. A layer whose y is larger than its weight has its Hebbian half
 # sum y x computed in the forward hook and y let go; the others keep y and have theirs computed in the
 # node's backward, by one engine call for all of them. Either way the smaller of y and the gradient is
-# multiplied by the upstream gradient (hebbloss/local.py).
+# multiplied by the upstream gradient (hebbloss/_local.py).
 
 
 class Wide(nn.Module):

@@ -14,12 +14,19 @@ from typing import Dict, List, Tuple, Union
 import numpy as np
 import torch
 
-try:  # deprecated since torchvision 0.29 (moving to torchcodec) but fast, batched for JPEG
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-except ImportError:  # pragma: no cover - a torchvision without image decoding: PIL below
-    decode_jpeg = None
+
+def _torchvision_io():
+    """torchvision.io, imported on first use (``import hebbloss`` does not import torchvision), or None
+    where it cannot decode images (then PIL decodes them). Deprecated since torchvision 0.29 (moving to
+    torchcodec), but fast and batched for JPEG."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision import io
+        io.decode_jpeg, io.decode_image, io.ImageReadMode  # noqa: B018 (present in this torchvision?)
+    except (ImportError, AttributeError):  # pragma: no cover - a torchvision without image decoding
+        return None
+    return io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 Split = Tuple[torch.Tensor, torch.Tensor, List[str]]  # images uint8 [N,C,H,W], labels int64 [N], classes
@@ -46,7 +53,8 @@ def _decode_all(blobs: List[bytes], names: List[str], where: str) -> torch.Tenso
 
 
 def _decode_list(blobs: List[bytes], names: List[str], where: str) -> List[torch.Tensor]:
-    if decode_jpeg is None:  # pragma: no cover
+    tvio = _torchvision_io()
+    if tvio is None:  # pragma: no cover
         return [_decode_pil(b, n, where) for b, n in zip(blobs, names)]
     datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     is_jpeg = [b[:3] == b"\xff\xd8\xff" for b in blobs]
@@ -54,7 +62,7 @@ def _decode_list(blobs: List[bytes], names: List[str], where: str) -> List[torch
     jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
     if jpeg_idx:
         try:
-            decoded = decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.UNCHANGED)
+            decoded = tvio.decode_jpeg([datas[i] for i in jpeg_idx], mode=tvio.ImageReadMode.UNCHANGED)
         except RuntimeError:  # find the bad file and name it
             decoded = [_decode_pil(blobs[i], names[i], where) for i in jpeg_idx]
         for i, img in zip(jpeg_idx, decoded):
@@ -62,7 +70,7 @@ def _decode_list(blobs: List[bytes], names: List[str], where: str) -> List[torch
     for i, j in enumerate(is_jpeg):
         if not j:
             try:
-                out[i] = decode_image(datas[i], mode=ImageReadMode.UNCHANGED)
+                out[i] = tvio.decode_image(datas[i], mode=tvio.ImageReadMode.UNCHANGED)
             except RuntimeError as e:
                 raise ValueError(f"cannot decode image {names[i]} in {where}: {e}") from e
     return out

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from .. import layers
-from ..hooks import HookHandle
+from .._hooks import HookHandle
 from ..selection import Targets
-from ..validate import validate
+from ..validation import validate
 from . import modes
 
 _CONVERTED: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .. import layers
-from ..hooks import HookOwner
+from .._hooks import HookOwner
 from ..selection import Targets, select_layers
 
 Pair = Union[int, Tuple[int, int]]

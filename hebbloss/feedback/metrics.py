@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from ..hooks import HookOwner
+from .._hooks import HookOwner
 from .convert import layer_state
 
 

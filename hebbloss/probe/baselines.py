@@ -26,7 +26,7 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     pruned = [m for m in model.modules() if layers.is_pruned(m)]
     # after a training forward, a pruned layer's ``weight`` is a non-leaf tensor that deepcopy refuses
     memo = {id(m.weight): m.weight.detach().clone() for m in pruned}
-    net = copy.deepcopy(model, memo)  # the hooks of hebbloss handles are inert in a copy (hebbloss.hooks)
+    net = copy.deepcopy(model, memo)  # the hooks of hebbloss handles are inert in a copy (hebbloss._hooks)
     device = model_device(net)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import layers as layer_registry
 from ..data.batching import batches
-from ..hooks import HookOwner
+from .._hooks import HookOwner
 from ..selection import Targets, name_matches, select_layers
 from .pooling import Pool, check_pool, pool_features
 
