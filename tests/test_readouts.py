@@ -189,6 +189,8 @@ def test_cache_leaves_no_file_when_the_batches_fail(tmp_path, monkeypatch):
             FeatureCache.build([torch.ones(4, 3)], 8, memory_limit=0, folder=folder)
         with pytest.raises(ValueError, match="expected"):
             FeatureCache.build([torch.ones(4, 3), torch.ones(4, 2)], 8, memory_limit=0, folder=folder)
+        with pytest.raises(ValueError, match="float32"):  # beyond float16's range: refused, not stored as inf
+            FeatureCache.build([torch.ones(4, 3), torch.full((4, 3), 7e4)], 8, memory_limit=0, folder=folder)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert list((tmp_path / "tmp").iterdir()) == []  # the temporary folders are gone too
 

@@ -221,6 +221,10 @@ class FeatureCacheWriter:
             raise ValueError(f"feature batch of shape {tuple(batch.shape)} at row {self.rows}; expected [B, {self.dim}]")
         if self.rows + batch.shape[0] > self.num_samples:
             raise ValueError(f"the feature batches give more than num_samples={self.num_samples} rows")
+        largest = float(batch.abs().max()) if batch.numel() else 0.0
+        if largest > torch.finfo(self.dtype).max:
+            raise ValueError(f"a feature of magnitude {largest:.3g} at rows {self.rows}.. does not fit in {self.dtype} "
+                             f"(at most {torch.finfo(self.dtype).max:.5g}); store the features as dtype=torch.float32")
         if self._data is not None:
             self._data[self.rows:self.rows + batch.shape[0]].copy_(batch)
         else:
@@ -284,14 +288,14 @@ def cache_features(
     """
     chosen = resolve_layers(model, layers)
     n = int(images.shape[0])
-    stream = iter_features(model, chosen, images, batch_size=batch_size, pool=pool, device=device,
-                           mean=mean, std=std, use_timm=use_timm)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError("no images to compute features of")
     budget = available_memory() * SAFETY_FRACTION if memory_limit is None else memory_limit
     itemsize = _numpy_dtype(dtype).itemsize
     with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(contextlib.closing(iter_features(
+            model, chosen, images, batch_size=batch_size, pool=pool, device=device, mean=mean, std=std, use_timm=use_timm)))
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("no images to compute features of")
         writers = {}
         for name, feats in first.items():
             size = n * int(feats.shape[1]) * itemsize
