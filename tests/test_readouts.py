@@ -128,6 +128,7 @@ def test_paper_readouts_resolve_from_model_names():
     assert paper_readout_for("softhebb") is READOUTS["softhebb"]
     assert paper_readout_for("softhebb-cifar10") is READOUTS["softhebb"]
     assert paper_readout_for("miconi2021") is READOUTS["miconi"]
+    assert paper_readout_for(miconi2021(channels=(2, 2, 2))) is READOUTS["miconi"]  # by its recipe's name
     with pytest.raises(ValueError, match="softhebb"):
         paper_readout_for("resnet18")
     assert READOUTS["softhebb"].pool == "flatten" and READOUTS["miconi"].pool == "quadrants"

@@ -16,6 +16,8 @@
   batch kept, all 50,000 training images (validation off by default: ``ray_search.py`` --validation-sup
   False, ``utils.py`` load_config_dataset), no augmentation for CIFAR-10/MNIST/Fashion-MNIST
   (``presets.json`` "augmentation": false; STL-10's "100aug" readout augments and cannot use a cache);
+  images scaled to [0, 1] with no mean/std normalisation (``dataset.py`` FastCIFAR10: ``norm`` is commented
+  out), the BatchNorm of each block standardising instead;
 - epochs: 50 for CIFAR-10 (``README.md`` commands use --dataset-sup CIFAR10_50); ``presets.json`` gives
   MNIST and Fashion-MNIST 100 by default (the README has no command for the paper's 99.4% MNIST network);
 - schedule: ``utils.py`` CustomStepLR, stepped after every epoch (``train.py`` run_sup): the learning rate
@@ -35,7 +37,9 @@ the version that "generates the actual results"), :func:`miconi_readout`:
 - classifier: ``sklearn.linear_model.Ridge()`` (alpha = 1.0, with intercept, no feature scaling) fitted to
   one-hot labels, prediction = argmax of the 10 outputs (cells 4 and 5); one pass over the training and
   the test set with frozen weights (epochs NBLEARNINGEPOCHS and NBLEARNINGEPOCHS + 1 of cell 2), through
-  ``transform_train``, which flips images horizontally at random (also for the test set).
+  ``transform_train``, which flips images horizontally at random (also for the test set); the adaptive
+  thresholds keep moving during these two passes (their update is outside ``if UNLAB``), while
+  hebbloss computes features in eval mode with frozen thresholds.
 """
 from __future__ import annotations
 
@@ -281,14 +285,16 @@ READOUTS: Dict[str, PaperReadout] = {
 _MODEL_PREFIXES = {"softhebb": "softhebb", "miconi": "miconi"}  # model name prefix -> readout
 
 
-def paper_readout_for(model_name: str) -> PaperReadout:
-    """The readout of the paper a model comes from: "softhebb", "softhebb-cifar10", ... give SoftHebb's,
-    "miconi2021" Miconi's. ValueError naming the known readouts otherwise."""
-    key = str(model_name).lower()
+def paper_readout_for(model: Union[str, nn.Module]) -> PaperReadout:
+    """The readout of the paper a model comes from, by model name ("softhebb", "softhebb-cifar10", ...
+    give SoftHebb's, "miconi2021" Miconi's) or by a model's ``recipe.name`` (hebbloss.models networks).
+    ValueError naming the known readouts otherwise."""
+    name = model if isinstance(model, str) else getattr(getattr(model, "recipe", None), "name", type(model).__name__)
+    key = str(name).lower()
     for prefix, readout in _MODEL_PREFIXES.items():
         if key.startswith(prefix):
             return READOUTS[readout]
-    raise ValueError(f"no paper readout is known for model {model_name!r}; known: models named softhebb* "
+    raise ValueError(f"no paper readout is known for model {name!r}; known: models named softhebb* "
                      f"(SoftHebb's readout) and miconi* (Miconi's); or choose one of {sorted(READOUTS)} by name")
 
 
