@@ -55,6 +55,9 @@ def test_softhebb_readout_is_reproducible_and_identical_from_memory_and_disk(tmp
     a = softhebb_readout(x, y, xt, yt, epochs=2, seed=4)
     b = softhebb_readout(on_disk, y, xt, yt, epochs=2, seed=4)
     assert a == b
+    threads = torch.get_num_threads()
+    assert softhebb_readout(x, y, xt, yt, epochs=2, seed=4, num_threads=1) == a  # threads change only the speed
+    assert torch.get_num_threads() == threads
     c = softhebb_readout(x, y, xt, yt, epochs=2, seed=5)
     assert c != a  # another seed: another initialisation, order and dropout
 
