@@ -7,7 +7,7 @@ stream. The limit is ``memory_limit`` bytes when given, else :data:`SAFETY_FRACT
 available now (:func:`available_memory`), so there is no fixed refusal: a 50,000 x 24,576 float16 matrix
 (2.5 GB, SoftHebb's depth-3 CIFAR-10 features) stays in memory on a 24 GiB machine.
 
-The file is written through :func:`hebbloss.checkpoint.atomic_file` (a temporary file in the same folder,
+The file is written through :func:`hebbloss.atomic.atomic_file` (a temporary file in the same folder,
 renamed over the target only when complete), so an error leaves no partial cache behind.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_file
+from ..atomic import atomic_file
 from ..selection import Targets
 from .features import iter_features, resolve_layers
 from .pooling import Pool
