@@ -4,13 +4,16 @@
     print(report.table())
 """
 from .evaluate import ProbeReport, evaluate
+from .feature_cache import FeatureCache, cache_features
 from .features import capture_features
 from .logistic import fit_logistic
 from .pooling import pool_features
+from .readouts import READOUTS, evaluate_paper_readout, miconi_readout, paper_readout_for, softhebb_readout
 from .result import ProbeResult
-from .ridge import RidgeAccumulator, fit_ridge
+from .ridge import RidgeAccumulator, choose_alpha, fit_ridge
 
 __all__ = [
-    "ProbeReport", "ProbeResult", "RidgeAccumulator", "capture_features", "evaluate", "fit_logistic",
-    "fit_ridge", "pool_features",
+    "FeatureCache", "ProbeReport", "ProbeResult", "READOUTS", "RidgeAccumulator", "cache_features", "capture_features",
+    "choose_alpha", "evaluate", "evaluate_paper_readout", "fit_logistic", "fit_ridge", "miconi_readout",
+    "paper_readout_for", "pool_features", "softhebb_readout",
 ]
