@@ -35,9 +35,16 @@ def _same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name, size", [("tf_mobilenetv3_small_minimal_100", 33), ("resnet18", 32)])
-def test_a_timm_zoo_model_lists_every_layer_with_its_family(name, size):
-    model = timm.create_model(name, pretrained=False, num_classes=4)
+ZOO = {  # the models of tests/test_timm_zoo.py: name -> (timm kwargs, image size)
+    "resnet18": ({}, 32), "efficientnet_b0": ({}, 32), "mobilenetv3_small_100": ({}, 32), "convnext_atto": ({}, 32),
+    "regnetx_002": ({}, 32), "vit_tiny_patch16_224": ({"img_size": 32}, 32), "tf_mobilenetv3_small_minimal_100": ({}, 33),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_timm_zoo_model_lists_every_layer_with_its_family(name):
+    kwargs, size = ZOO[name]
+    model = timm.create_model(name, pretrained=False, num_classes=4, **kwargs)
     state, hooks = _state(model), _hooks(model)
     report = hebbloss.validate(model, rule="oja")
     expected = [n for n, m in model.named_modules() if type(m) in PLAIN]
