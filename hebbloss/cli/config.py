@@ -25,7 +25,7 @@ DEFAULTS: Dict[str, Any] = {
     "model_args": {},         # keyword arguments of the model's builder (--model-arg KEY=VALUE)
     "layers": None,           # plastic layers (names, globs, regexes); None: the recipe's or every supported one
     "rule": None,             # None: the recipe's, or "oja" for other models
-    "post": None,             # identity | relu | kwta:K | softwta:T; None: the recipe's, or relu
+    "post": None,             # identity | relu | kwta[:K[:MU]] | softwta[:BETA] | triangle[:POWER]; None: the recipe's, or relu
     "lr": None,               # None: the recipe's, or 1e-3
     "layer_lr": {},           # {pattern: lr} per-layer learning rates (later patterns win)
     "optimizer": None,        # sgd | adam; None: the recipe's, or adam

@@ -69,8 +69,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--layers", nargs="+", default=S, help="plastic layers: names, globs or regexes (default: all supported)")
-    g.add_argument("--rule", default=S, help="hebb | instar | oja | softhebb (default: the recipe's, else oja)")
-    g.add_argument("--post", default=S, help="identity | relu | kwta:K | kwta:K:MU | softwta:BETA (default: recipe's, else relu)")
+    g.add_argument("--rule", default=S, help="hebb | instar | oja | softhebb, or any rule registered by name in hebbloss.rules (default: the recipe's, else oja)")
+    g.add_argument("--post", default=S, help="identity | relu | kwta[:K[:MU]] | softwta[:BETA] | triangle[:POWER] (default: recipe's, else relu)")
     g.add_argument("--lr", type=float, default=S, help="learning rate of every plastic layer")
     g.add_argument("--layer-lr", dest="layer_lr", type=_layer_lr, action="append", default=S, metavar="PATTERN=LR",
                    help="learning rate of the layers matching PATTERN (repeatable; later ones win)")
