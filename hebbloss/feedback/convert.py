@@ -69,6 +69,7 @@ class _Layer:
         self.kind = layers.layer_type_of(module, "feedback")
         self.x: Optional[torch.Tensor] = None
         self.active = True
+        self.hooks: tuple = ()  # this layer's two RemovableHandles, placed by its Feedback handle
 
     def adjoint_for(self, x: torch.Tensor, output: torch.Tensor) -> layers.Adjoint:
         return self.kind.adjoint(self.module, x, output)
@@ -108,12 +109,33 @@ class Feedback(HookHandle):
 
     def __init__(self, model: nn.Module, mode: modes.Mode, chosen: Dict[str, _Layer]):
         super().__init__()
+        for state in chosen.values():
+            state.owner = self  # carry_over() reaches the handle from the layer
         self.mode = mode
         self._model_name = type(model).__name__
         self._layers = chosen
         for state in chosen.values():
-            self._hooks.forward_hook(state.module, state.pre_hook, pre=True, with_kwargs=True)
-            self._hooks.forward_hook(state.module, state.forward_hook, with_kwargs=True)
+            self._place(state)
+
+    def _place(self, state: _Layer) -> None:
+        state.hooks = (self._hooks.forward_hook(state.module, state.pre_hook, pre=True, with_kwargs=True),
+                       self._hooks.forward_hook(state.module, state.forward_hook, with_kwargs=True))
+
+    def _move(self, state: _Layer, new: nn.Module, entry: Optional[torch.Tensor]) -> None:
+        """Carry ``state`` from its module to ``new`` (see :func:`carry_over`)."""
+        old = state.module
+        for hook in state.hooks:
+            hook.remove()
+        if self.mode.entry is not None:
+            if self.mode.trainable:
+                new.register_parameter(self.mode.entry, nn.Parameter(entry))
+            else:
+                new.register_buffer(self.mode.entry, entry, persistent=True)
+            delattr(old, self.mode.entry)
+        del _CONVERTED[old]
+        state.module, state.kind, state.x = new, layers.layer_type_of(new, "feedback"), None
+        _CONVERTED[new] = state
+        self._place(state)
 
     @property
     def layers(self) -> Dict[str, nn.Module]:
@@ -224,3 +246,27 @@ def converted_layers(model: nn.Module) -> Dict[str, nn.Module]:
 def layer_state(module: nn.Module) -> Optional[_Layer]:
     """The live conversion of ``module`` (its mode, decay and activity), or None when not converted."""
     return _CONVERTED.get(module)
+
+
+def carry_over(old: nn.Module, new: nn.Module, entry: Optional[torch.Tensor] = None) -> bool:
+    """Move the live conversion of layer ``old`` to layer ``new``, which replaces it in the model
+    (as :func:`hebbloss.feedback.untie` does): the same handle, mode and decay now act on ``new``,
+    with ``entry`` as its feedback weight B (or magnitude M) when the mode stores one; ``old`` is
+    left as before :func:`convert`. Returns False (and changes nothing) when ``old`` is not converted.
+    A trainable B (urfb, kp) becomes a new Parameter: build the optimizer after the replacement.
+    """
+    state = _CONVERTED.get(old)
+    if state is None:
+        return False
+    owner = state.owner
+    if layers.why_unsupported(new, "feedback") is not None:
+        raise ValueError(f"cannot carry the feedback of {type(old).__name__} over: {layers.why_unsupported(new, 'feedback')}")
+    if state.mode.entry is not None:
+        weight = new.weight
+        if entry is None or tuple(entry.shape) != tuple(weight.shape):
+            got = "none" if entry is None else tuple(entry.shape)
+            raise ValueError(f"mode {state.mode.name!r} needs a {state.mode.entry} of the new layer's weight shape "
+                             f"{tuple(weight.shape)}, got {got}")
+        entry = entry.detach().to(device=weight.device, dtype=weight.dtype).clone()
+    owner._move(state, new, entry)
+    return True

@@ -17,6 +17,7 @@ from torch.nn.modules.utils import _pair
 
 from .. import layers
 from .._hooks import HookOwner
+from .convert import carry_over, layer_state
 from ..selection import Targets, select_layers
 
 Pair = Union[int, Tuple[int, int]]
@@ -133,6 +134,11 @@ def untie(model: nn.Module, input_size: Sequence[int], targets: Targets = None) 
     input_size: the shape of one model input without the batch dimension, e.g. (3, 32, 32); a
     forward pass on zeros of that shape (no_grad, eval mode, then the modes are restored) finds
     each layer's input size. State_dict keys stay the same (``weight``/``bias``; shapes grow).
+    A layer converted by :func:`hebbloss.feedback.convert` stays converted: its handle, mode and
+    decay carry over, and its feedback weight B (or magnitude M) is replicated at every output
+    position, so the untied network starts as the tied one, also in its backward pass (Amit 2019
+    converts a trained convolution to untied layers in the same way). Build the optimizer after
+    untie(): the weights (and a trainable B) are new Parameters.
     Returns the new layers by name. Every check runs before the model is changed.
     """
     chosen = select_layers(model, (lambda n, m: isinstance(m, nn.Conv2d)) if targets is None else targets,
@@ -160,8 +166,20 @@ def untie(model: nn.Module, input_size: Sequence[int], targets: Targets = None) 
         lines = ", ".join(f"{n} ({'never called' if not s else 'called with sizes ' + str(sorted(s))})" for n, s in bad.items())
         raise ValueError(f"cannot untie layers with no single input size on input {tuple(input_size)}: {lines}")
     new = {name: LocallyConnected2d.from_conv(module, next(iter(sizes[name]))) for name, module in chosen}
+    entries = {name: _replicated_entry(module, new[name]) for name, module in chosen}
     for name, lc in new.items():
         parent_name, _, child = name.rpartition(".")
-        lc.train(dict(chosen)[name].training)
+        old = dict(chosen)[name]
+        lc.train(old.training)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, lc)
+        carry_over(old, lc, entries[name])
     return new
+
+
+def _replicated_entry(conv: nn.Conv2d, lc: LocallyConnected2d) -> Optional[torch.Tensor]:
+    """The converted ``conv``'s feedback weight B (or magnitude M) at every output position of ``lc``."""
+    state = layer_state(conv)
+    if state is None or state.mode.entry is None:
+        return None
+    entry = getattr(conv, state.mode.entry).detach()
+    return entry.expand(*lc.output_size, *entry.shape).clone()
