@@ -166,7 +166,7 @@ def test_training_is_bit_for_bit_reproducible_and_round_trips(name, kwargs, shap
 
 
 def test_registry():
-    assert models.available() == ["miconi2021", "softhebb"]
-    with pytest.raises(ValueError, match="available: miconi2021, softhebb"):
+    assert models.available() == ["amit2019", "miconi2021", "softhebb"]
+    with pytest.raises(ValueError, match="available: amit2019, miconi2021, softhebb"):
         models.create("resnet")
     assert models.create("miconi2021", channels=(4, 4, 4)).recipe.to_dict()["layers"]["conv2"]["rule"] == "instar"

@@ -5,6 +5,9 @@ For outputs h of C classes and label y:
     L = (1 - h_y)_+ + mu / (C - 1) * sum_{c != y} (1 + h_c)_+
 dL/dh_c is -1 for the true class while h_y < 1, +mu/(C-1) for another class while h_c > -1, else 0:
 a target that is a fixed function of the label and the unit's own output.
+The defaults are his code's (github.com/yaliamit/URFB@008757f, Conv_net_gpu.py ``recreate_network``,
+scope 'loss'): mu is his ``off_class_fac`` (1. in every _pars file), the margin is 1 (``hinge:1.``),
+and the cost is averaged over the batch (``tf.reduce_mean``).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ layers (``model.plastic_layers``, ``model.feature_layers``).
     plastic = model.recipe.attach(model)
     optimizer = model.recipe.optimizer(plastic)   # then train as in hebbloss.models.recipe
 
+- ``amit2019``: Amit 2019, Front. Comput. Neurosci. (trained with :mod:`hebbloss.feedback`).
 - ``miconi2021``: Miconi 2021, arXiv:2107.01729.
 - ``softhebb``: Journe et al. 2023, "Hebbian deep learning without feedback", ICLR.
 """
@@ -15,11 +16,12 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from .amit2019 import Amit2019Net, amit2019
 from .miconi2021 import HomeostaticTriangle, Miconi2021, miconi2021
 from .recipe import LayerRecipe, Recipe
 from .softhebb import SoftHebbNet, softhebb
 
-_MODELS: Dict[str, Callable[..., nn.Module]] = {"miconi2021": miconi2021, "softhebb": softhebb}
+_MODELS: Dict[str, Callable[..., nn.Module]] = {"amit2019": amit2019, "miconi2021": miconi2021, "softhebb": softhebb}
 
 
 def available() -> list:
@@ -36,4 +38,4 @@ def create(name: str, **kwargs) -> nn.Module:
     return _MODELS[key](**kwargs)
 
 
-__all__ = ["HomeostaticTriangle", "LayerRecipe", "Miconi2021", "Recipe", "SoftHebbNet", "available", "create", "miconi2021", "softhebb"]
+__all__ = ["Amit2019Net", "HomeostaticTriangle", "LayerRecipe", "Miconi2021", "Recipe", "SoftHebbNet", "amit2019", "available", "create", "miconi2021", "softhebb"]
