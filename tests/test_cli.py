@@ -173,7 +173,7 @@ def run_failing(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "no-such-data"], "no-such-data"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
-    (["--model", "resnet-nonsense"], "--model 'resnet-nonsense' is not known; reference networks: amit2019, miconi2021"),
+    (["--model", "resnet-nonsense"], "--model 'resnet-nonsense' is not known; reference networks: miconi2021, softhebb"),
     (["--model", "timm:resnet1800"], "timm has no model called 'resnet1800'"),
     (["--layers", "conv9"], "conv9"),
     (["--probe-layers", "pool7"], "pool7"),

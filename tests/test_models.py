@@ -167,6 +167,8 @@ def test_training_is_bit_for_bit_reproducible_and_round_trips(name, kwargs, shap
 
 def test_registry():
     assert models.available() == ["amit2019", "miconi2021", "softhebb"]
+    assert models.with_recipe() == ["miconi2021", "softhebb"]
+    assert all(hasattr(models.create(n, **({"channels": (4, 4, 4)} if n == "softhebb" else {"channels": (4, 4, 4), "pruning": False})), "recipe") for n in models.with_recipe())
     with pytest.raises(ValueError, match="available: amit2019, miconi2021, softhebb"):
         models.create("resnet")
     assert models.create("miconi2021", channels=(4, 4, 4)).recipe.to_dict()["layers"]["conv2"]["rule"] == "instar"

@@ -47,9 +47,9 @@ def _reference_models():
 
 
 def available_models() -> List[str]:
-    """Reference networks known to ``hebbloss.models`` (timm models are named ``timm:NAME``)."""
+    """Reference networks of ``hebbloss.models`` that a local rule trains (timm models are named ``timm:NAME``)."""
     models = _reference_models()
-    return list(models.available()) if models is not None else []
+    return list(models.with_recipe()) if models is not None else []
 
 
 DEFAULT_MODEL = "miconi2021"

@@ -22,11 +22,18 @@ from .recipe import LayerRecipe, Recipe
 from .softhebb import SoftHebbNet, softhebb
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {"amit2019": amit2019, "miconi2021": miconi2021, "softhebb": softhebb}
+_LOCAL_RULE = ("miconi2021", "softhebb")  # trained by a local rule: they carry a Hebbian ``model.recipe``
 
 
 def available() -> list:
     """Names accepted by :func:`create`, sorted."""
     return sorted(_MODELS)
+
+
+def with_recipe() -> list:
+    """Names of the networks trained by a local rule, which carry a Hebbian ``model.recipe`` (the
+    ``hebbloss`` command trains these; ``amit2019`` trains through :mod:`hebbloss.feedback`)."""
+    return sorted(_LOCAL_RULE)
 
 
 def create(name: str, **kwargs) -> nn.Module:
@@ -38,4 +45,4 @@ def create(name: str, **kwargs) -> nn.Module:
     return _MODELS[key](**kwargs)
 
 
-__all__ = ["Amit2019Net", "HomeostaticTriangle", "LayerRecipe", "Miconi2021", "Recipe", "SoftHebbNet", "amit2019", "available", "create", "miconi2021", "softhebb"]
+__all__ = ["Amit2019Net", "HomeostaticTriangle", "LayerRecipe", "Miconi2021", "Recipe", "SoftHebbNet", "amit2019", "available", "create", "miconi2021", "softhebb", "with_recipe"]
