@@ -148,3 +148,22 @@ def test_streaming_names_the_layer_whose_output_was_not_finite():
     with pytest.raises(FloatingPointError, match="layer '0' produced NaN or Inf in its output"):
         plastic.loss()
     assert all(not r for r in plastic.records.values())
+
+
+def test_a_layer_called_twice_in_streaming_mode_gets_the_sum_of_both_updates():
+    lin = nn.Linear(3, 4).to(D)
+    model = nn.Sequential(lin)
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh, streaming=True)
+    x1, x2 = torch.randn(5, 3, dtype=D), torch.randn(2, 3, dtype=D)
+    model(x1), model(x2)
+    assert len(plastic.records["0"]) == 2
+    plastic.loss().backward()
+    plastic.remove()
+    expected = None
+    for x in (x1, x2):
+        with torch.no_grad():
+            z = lin(x)
+        upd = rule_update(lin, x, torch.tanh(z), z, "oja")
+        expected = upd if expected is None else [a + b for a, b in zip(expected, upd)]
+    torch.testing.assert_close(lin.weight.grad, -expected[0], **TOL)
+    torch.testing.assert_close(lin.bias.grad, -expected[1], **TOL)
