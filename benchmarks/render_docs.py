@@ -100,7 +100,24 @@ def pipeline_section(record: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"step_time": step_time_section, "pipeline": pipeline_section}
+def memory_section(record: dict) -> str:
+    lines = [
+        "## Peak memory of one step",
+        "",
+        f"Produced by `python benchmarks/memory.py`: timm {record['model']}, {record['image_size']}x{record['image_size']}, "
+        f"batch {record['batch']}, on {record['device']} ({record.get('hardware', '?')}), torch {record['torch']}; "
+        f"each mode in a fresh process, measured as the {record['measure']} during the step. Oja's rule with a ReLU "
+        "post signal on every layer; `streaming` is `attach(..., streaming=True)`.",
+        "",
+        "| mode | peak memory | / backprop |",
+        "|---|---|---|",
+    ]
+    for mode, mib in record["peak_mib"].items():
+        lines.append(f"| {mode} | {mib:.0f} MiB | {record['ratio_to_backprop'][mode]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = {"step_time": step_time_section, "pipeline": pipeline_section, "memory": memory_section}
 
 
 def render() -> str:

@@ -14,6 +14,9 @@ own backward gives with y as the output gradient: the framework's weight-gradien
   waits for the backward (the streaming of SoftHebb's hand-written update, as a gradient);
 - elsewhere, in the node's backward, for all such layers in a single ``torch.autograd.grad`` call.
 
+With ``streaming=True`` every layer takes the first way, and its graph is not retained: nothing but
+the weight-sized result and the decay coefficients outlive the forward hook.
+
 The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
 adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
 tests check them in float64); what the backward carries besides (a task loss through the same layer,
@@ -50,8 +53,10 @@ class LocalTerm:
 
 
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
-               rule: Rule, reduction: str) -> LocalTerm:
-    """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``."""
+               rule: Rule, reduction: str, streaming: bool = False) -> LocalTerm:
+    """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``.
+    ``streaming``: take the Hebbian half at once whatever the sizes and free ``output``'s graph (the
+    caller guarantees nothing else backpropagates through it)."""
     post, detached = (post.detach() if post.requires_grad else post), output.detach()
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
@@ -61,8 +66,8 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
     if not learning or not output.requires_grad:
         return term  # a frozen layer: its term has a value and no gradient
-    if post.numel() > weight.numel():
-        found = torch.autograd.grad([output], learning, [post], retain_graph=True)
+    if streaming or post.numel() > weight.numel():
+        found = torch.autograd.grad([output], learning, [post], retain_graph=not streaming)
         term.hebbian = {id(p): g for p, g in zip(learning, found)}
     else:
         term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)

@@ -33,11 +33,12 @@ Post = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 
 @dataclass
 class Record:
-    """What one call of a plastic layer left: its output z, its surrogate term, and its post signal y."""
+    """What one call of a plastic layer left: its output z, its surrogate term, and its post signal y.
+    Under ``streaming=True`` the output is let go in the forward (``output`` and ``local`` are None)."""
 
-    output: torch.Tensor
+    output: Optional[torch.Tensor]
     term: LocalTerm
-    local: torch.Tensor  # the output the term's gradient starts from: ``output``, or its re-run on a detached input
+    local: Optional[torch.Tensor]  # the output the term's gradient starts from: ``output``, or its re-run on a detached input
 
     @property
     def post(self) -> Optional[torch.Tensor]:
@@ -53,10 +54,11 @@ def _post_key(name: str) -> str:
 class Plasticity(HookHandle, nn.Module):
     """Handle returned by :func:`attach`; see there. ``state_dict`` holds the post signals' state."""
 
-    def __init__(self, model, chosen, rule_of, post_of, reduction, detach_input):
+    def __init__(self, model, chosen, rule_of, post_of, reduction, detach_input, streaming=False):
         super().__init__()
         self.reduction = reduction
         self.detach_input = detach_input
+        self.streaming = streaming
         self.layers: Dict[str, nn.Module] = dict(chosen)
         self.rules: Dict[str, rules.Rule] = rule_of
         self.posts = nn.ModuleDict({_post_key(n): p for n, p in post_of.items() if isinstance(p, nn.Module)})
@@ -100,6 +102,8 @@ class Plasticity(HookHandle, nn.Module):
         def hook(module, args, output):
             if torch.is_grad_enabled():
                 self.records[name].append(self._record(name, module, args, output))
+                if self.streaming and self.detach_input:  # nothing downstream keeps a graph back into the layer
+                    return output.detach()
         return hook
 
     def _record(self, name, module, args, output) -> Record:
@@ -124,7 +128,10 @@ class Plasticity(HookHandle, nn.Module):
         if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         kind, groups = self._kinds[name]
-        term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction)
+        term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction,
+                          streaming=self.streaming)
+        if self.streaming:  # the update is taken: z, y and the layer's graph go now
+            return Record(None, term, None)
         if term.post is not None and post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
             term.post = post.clone()  # y waits for the backward: an in-place op after the layer must not change it
         return Record(output, term, local)
@@ -167,7 +174,11 @@ class Plasticity(HookHandle, nn.Module):
                 if bad:
                     return (f"layer '{name}' has NaN or Inf in its {' and '.join(bad)}: the weights diverged; "
                             f"{advice}, and start again from finite weights")
-                if not torch.isfinite(r.output).all():
+                if r.output is None and not torch.isfinite(r.term.correlation):  # streaming: z and y were let go
+                    return (f"layer '{name}' produced NaN or Inf in its output or post signal: its input held NaN or "
+                            f"Inf (the model input, or an earlier layer's output; check the batch), the product "
+                            f"overflowed, or the post signal did; {advice}")
+                if r.output is not None and not torch.isfinite(r.output).all():
                     return (f"layer '{name}' produced NaN or Inf in its output from a finite weight and bias: its "
                             "input held NaN or Inf (the model input, or an earlier layer's output; check the batch) "
                             f"or the product overflowed; {advice}")
@@ -237,6 +248,7 @@ def attach(
     overrides: Optional[Mapping[str, Mapping[str, object]]] = None,
     reduction: str = "sum",
     detach_input: bool = True,
+    streaming: bool = False,
 ) -> Plasticity:
     """Make the chosen layers of ``model`` plastic under ``rule`` and return the handle.
 
@@ -253,6 +265,12 @@ def attach(
         a surrogate's nor a task loss's - passes a plastic layer back to earlier ones, and backward
         skips input gradients. False keeps the model's graph whole for mixing with backprop; each
         surrogate is then computed on a re-run of its layer on the detached input (one extra forward).
+    streaming: False (default) keeps each layer's graph or post signal until :meth:`Plasticity.loss`.
+        True takes each layer's update in its forward hook and lets its output, post signal and graph
+        go at once, so activations are freed layer by layer (peak memory near inference's); ``loss()``
+        has the same value and gradients. For purely local training: with ``detach_input=True`` each
+        plastic layer's output is passed on detached, so no task loss reaches or crosses a plastic
+        layer (with ``detach_input=False`` the model's own graph is kept as usual).
     Every check runs before any hook is placed; :func:`hebbloss.validate` lists the layers first.
     """
     chosen = list(validate(model, targets, rule, strict=True).modules.items())
@@ -282,4 +300,4 @@ def attach(
             if "post" in settings:
                 post_of[n] = settings["post"]
     post_of = {n: _copy_post(post_of[n], n, m) for n, m in chosen}
-    return Plasticity(model, chosen, rule_of, post_of, reduction, detach_input)
+    return Plasticity(model, chosen, rule_of, post_of, reduction, detach_input, bool(streaming))

@@ -57,10 +57,22 @@ def _seen_input(layer, x):
 
 @pytest.mark.parametrize("model_name, rule, post_name", _settings())
 def test_every_plastic_layer_gets_the_rule_update_of_what_it_saw(model_name, rule, post_name):
+    _check_every_plastic_layer(model_name, rule, post_name)
+
+
+@pytest.mark.parametrize("model_name, rule, post_name, reduction", [
+    ("resnet18", "oja", "relu_tanh", "sum"), ("resnet18", "hebb", "identity", "mean"),
+    ("convnext_atto", "softhebb", "relu_tanh", "sum"), ("convnext_atto", "oja", "identity", "mean"),
+])
+def test_streaming_gives_every_plastic_layer_the_rule_update_of_what_it_saw(model_name, rule, post_name, reduction):
+    _check_every_plastic_layer(model_name, rule, post_name, reduction=reduction, streaming=True)
+
+
+def _check_every_plastic_layer(model_name, rule, post_name, reduction="sum", streaming=False):
     kwargs, size = MODELS[model_name]
     model = timm.create_model(model_name, pretrained=False, num_classes=4, **kwargs).to(D).train()
     post = POSTS[post_name]
-    plastic = hebbloss.attach(model, rule=rule, post=post)
+    plastic = hebbloss.attach(model, rule=rule, post=post, reduction=reduction, streaming=streaming)
     layers = plastic.layers
     assert len(layers) > 10
     seen = {n: [] for n in layers}
@@ -88,6 +100,8 @@ def test_every_plastic_layer_gets_the_rule_update_of_what_it_saw(model_name, rul
                 torch.testing.assert_close(recorded, y, rtol=0, atol=0)
             S = decay_coefficients(rule, y, z, channel_dim_of(layer))
             upd = [u for u in layer_update(layer, _seen_input(layer, x), y, S) if u is not None]
+            if reduction == "mean":  # divided by samples x positions
+                upd = [u * z.shape[channel_dim_of(layer)] / z.numel() for u in upd]
             total = upd if total is None else [t + u for t, u in zip(total, upd)]
         params = hebbloss.layers.plastic_parameters(layer)
         assert len(params) == len(total)

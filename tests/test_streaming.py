@@ -1,0 +1,169 @@
+"""attach(..., streaming=True): each layer's update is taken in its forward hook and its output, post
+signal and graph are let go; the gradients are still the rule's update (Miconi 2021), checked in
+float64 against tests/reference.py on every layer kind, and the records keep no activation."""
+import weakref
+
+import pytest
+import timm.layers
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import hebbloss
+from reference import D, rule_update, tf_same_pad
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _pruned():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    prune.random_unstructured(conv, "weight", amount=0.5)
+    return conv
+
+
+LAYERS = {  # name: (make the layer, input shape)
+    "linear_leading_dims": (lambda: nn.Linear(5, 4), (2, 3, 5)),
+    "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (3, 5)),
+    "conv1d_strided": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (2, 3, 9)),
+    "conv2d_grouped_dilated": (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2), (2, 4, 7, 7)),
+    "conv2d_reflect_strided": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"), (2, 3, 8, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (2, 2, 4, 5, 3)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, output_padding=1), (2, 3, 5)),
+    "conv_transpose2d_grouped": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dilation=2), (2, 4, 4, 5)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(2, 3, 2, stride=2), (1, 2, 3, 2, 3)),
+    "pruned_conv2d": (_pruned, (2, 3, 5, 5)),
+    "timm_conv2d_same": (lambda: timm.layers.Conv2dSame(3, 4, 3, stride=2), (2, 3, 7, 8)),
+}
+
+
+def _seen_input(layer, x):
+    """The input the weight met (timm's Conv2dSame pads inside forward, as TensorFlow "SAME")."""
+    if isinstance(layer, timm.layers.Conv2dSame):
+        return tf_same_pad(x, layer.kernel_size, layer.stride, layer.dilation)
+    return x
+
+
+def _grads_of_reference(layer, x, z, post, rule, reduction):
+    """The expected .grad of each plastic parameter: minus the float64 reference update."""
+    y = z if post is None else post(z)
+    dW, db = rule_update(layer, _seen_input(layer, x), y, z, rule)
+    n = z.numel() // z.shape[-1 if isinstance(layer, nn.Linear) else 1] if reduction == "mean" else 1
+    weight = (-dW / n) if not hasattr(layer, "weight_mask") else (-dW / n) * layer.weight_mask
+    return [weight] + ([] if db is None else [-db / n])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("rule", ["hebb", "oja", "softhebb"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_streaming_gives_the_rule_update_on_every_layer_kind(kind, rule, reduction):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    layer = make().to(D)
+    post = torch.tanh if rule != "hebb" else None
+    model = nn.Sequential(layer)
+    plastic = hebbloss.attach(model, rule=rule, post=post, reduction=reduction, streaming=True)
+    x = torch.randn(*shape, dtype=D)
+    out = model(x)
+    record = plastic.records["0"][0]
+    assert record.output is None and record.local is None and record.post is None  # all let go
+    assert not out.requires_grad  # passed on detached: nothing keeps a graph back into the layer
+    plastic.loss().backward()
+    plastic.remove()
+    with torch.no_grad():
+        z = layer(x)
+    for p, expected in zip(hebbloss.layers.plastic_parameters(layer), _grads_of_reference(layer, x, z, post, rule, reduction)):
+        torch.testing.assert_close(p.grad, expected, **TOL)
+
+
+class Net(nn.Module):
+    """Plastic layers with an in-place ReLU, a trainable BatchNorm and a transposed conv between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, groups=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = self.act1(self.conv1(x))
+        x = self.up(torch.tanh(self.bn(self.conv2(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("detach_input", [True, False])
+@pytest.mark.parametrize("rule", ["hebb", "oja", "softhebb"])
+def test_streaming_and_normal_mode_give_the_same_loss_and_gradients_in_a_model(rule, detach_input):
+    """Each layer's gradient is the reference update of the input and output it saw (this test's own
+    hooks), in both modes; the loss values agree."""
+    torch.manual_seed(1)
+    model = Net().to(D)
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    names = ["conv1", "conv2", "up", "fc"]
+    result = {}
+    for streaming in (False, True):
+        seen = {}
+        hooks = [getattr(model, n).register_forward_hook(
+            lambda m, a, o, n=n: seen.setdefault(n, (a[0].detach().clone(), o.detach().clone())) and None) for n in names]
+        plastic = hebbloss.attach(model, rule=rule, post=torch.tanh, detach_input=detach_input, streaming=streaming)
+        model.zero_grad(set_to_none=True)
+        model(x)
+        loss = plastic.loss()
+        loss.backward()
+        plastic.remove()
+        for h in hooks:
+            h.remove()
+        result[streaming] = loss.item()
+        for n in names:
+            layer = getattr(model, n)
+            inp, z = seen[n]
+            dW, db = rule_update(layer, inp, torch.tanh(z), z, rule)
+            torch.testing.assert_close(layer.weight.grad, -dW, **TOL)
+            torch.testing.assert_close(layer.bias.grad, -db, **TOL)
+    assert result[True] == pytest.approx(result[False], rel=1e-12)
+
+
+def test_streaming_lets_each_layers_output_go_in_the_forward():
+    """A layer's output tensor (seen by this test's hook, registered first) is freed by the end of the
+    forward in streaming mode, and kept until loss() in the normal mode."""
+    alive = {}
+    for streaming in (False, True):
+        model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+        refs = []
+        model[0].register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o)) and None)
+        plastic = hebbloss.attach(model, rule="oja", post="relu", streaming=streaming)
+        model(torch.randn(2, 2, 16, 16))
+        alive[streaming] = refs[0]() is not None
+        plastic.loss().backward()
+        plastic.remove()
+    assert alive == {False: True, True: False}
+
+
+def test_streaming_names_the_layer_whose_output_was_not_finite():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    plastic = hebbloss.attach(model, rule="hebb", streaming=True)
+    model(torch.tensor([[1.0, float("nan"), 0.0]]))
+    with pytest.raises(FloatingPointError, match="layer '0' produced NaN or Inf in its output"):
+        plastic.loss()
+    assert all(not r for r in plastic.records.values())
+
+
+def test_a_layer_called_twice_in_streaming_mode_gets_the_sum_of_both_updates():
+    lin = nn.Linear(3, 4).to(D)
+    model = nn.Sequential(lin)
+    plastic = hebbloss.attach(model, rule="oja", post=torch.tanh, streaming=True)
+    x1, x2 = torch.randn(5, 3, dtype=D), torch.randn(2, 3, dtype=D)
+    model(x1), model(x2)
+    assert len(plastic.records["0"]) == 2
+    plastic.loss().backward()
+    plastic.remove()
+    expected = None
+    for x in (x1, x2):
+        with torch.no_grad():
+            z = lin(x)
+        upd = rule_update(lin, x, torch.tanh(z), z, "oja")
+        expected = upd if expected is None else [a + b for a, b in zip(expected, upd)]
+    torch.testing.assert_close(lin.weight.grad, -expected[0], **TOL)
+    torch.testing.assert_close(lin.bias.grad, -expected[1], **TOL)
