@@ -36,6 +36,11 @@ def _flags(args) -> Dict[str, Any]:
         flags["baselines"] = [] if [b.lower() for b in flags["baselines"]] == ["none"] else list(flags["baselines"])
     if getattr(args, "config", None):
         flags = {**config.read_file(args.config), **flags}
+    if "feature_memory" in flags:  # checked now, before anything is trained or written
+        flags["feature_memory"] = config.parse_bytes(flags["feature_memory"], "--feature-memory")
+    epochs = flags.get("readout_epochs")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise ConfigError(f"--readout-epochs {epochs!r}: must be a positive number of epochs")
     return flags
 
 
@@ -259,14 +264,21 @@ def _preprocess(cfg, ds, saved=None, path=None, zca=None) -> Preprocess:
 def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare: Preprocess) -> int:
     from ..data import ImageDataset
     from ..probe import evaluate
+    from ..probe.evaluate import PAPER_METHODS
 
+    method = cfg.get("method") or "ridge"
+    if method in PAPER_METHODS:  # the paper's layers unless --probe-layers names others
+        probe_layers = cfg.get("probe_layers") or None
+    memory = config.parse_bytes(cfg.get("feature_memory"), "--feature-memory")
     started = time.perf_counter()
     seen = ImageDataset(prepare.apply_in_chunks(ds.train_images), ds.train_labels, prepare.apply_in_chunks(ds.test_images),
                         ds.test_labels, ds.classes, ds.name)  # the inputs exactly as the network saw them in training
     extra = {"device": cfg.get("device") or "cpu",
              "seed": int(cfg.get("seed") or 0), "progress": bool(cfg.get("progress", True)),
-             "batch_size": int(cfg.get("batch_size") or 256)}
-    result = evaluate(model, seen, probe_layers, method=cfg.get("method") or "ridge", pool=cfg.get("pool") or "quadrants",
+             "batch_size": int(cfg.get("batch_size") or 256), "max_feature_bytes": memory}
+    if cfg.get("readout_epochs") is not None:
+        extra["epochs"] = int(cfg["readout_epochs"])
+    result = evaluate(model, seen, probe_layers, method=method, pool=cfg.get("pool"),
                       baselines=tuple(cfg.get("baselines") or ()), **_accepted(evaluate, extra))
     seconds = time.perf_counter() - started
     print(result.table())
@@ -275,7 +287,7 @@ def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare
     layers = list(next(iter(per_network.values()), {}))
     chance = 1.0 / max(1, len(ds.classes))
     acc_png = report.plot_accuracy(per_network, folder / report.ACCURACY_PNG,
-                                   title=f"{ds.name}: {cfg.get('method') or 'ridge'} probe per layer", chance=chance)
+                                   title=f"{ds.name}: {method} probe per layer", chance=chance)
     name, module = first
     filt_png = report.plot_filters(module, folder / report.FILTERS_PNG, tuple(ds.train_images.shape[1:]),
                                    title=f"{name or '(model)'}: learned filters")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import ImageDataset, load_dataset
 from .baselines import BASELINES, backprop_copy, random_copy
-from .feature_cache import SAFETY_FRACTION, FeatureCache, available_memory, cache_features
+from .feature_cache import SAFETY_FRACTION, FeatureCache, FeatureOverflowError, available_memory, cache_features
 from .features import capture_features, iter_features, model_device, resolve_layers
 from .logistic import fit_logistic
 from .pooling import Pool, check_pool
@@ -274,10 +274,19 @@ def _streamed_rows(label, net, chosen, data: _Data, extract, fit: _Fit, bar) -> 
 
 # ----------------------------------------------------------------------------------------------- cached features
 def _cache(net, chosen, data: _Data, extract, fit: _Fit) -> Tuple[Dict[str, FeatureCache], Dict[str, FeatureCache]]:
-    """The train and test features of ``net`` as FeatureCaches (float16 for a paper readout, else float32), in
-    memory while they fit in ``fit.memory_limit`` bytes, the rest in temporary files deleted with the caches."""
+    """The train and test features of ``net`` as FeatureCaches (float16 for a paper readout, float32 for
+    logistic or when a feature exceeds float16's range), in memory while they fit in ``fit.memory_limit``
+    bytes, the rest in temporary files deleted with the caches."""
+    if fit.readout is not None:
+        try:
+            return _cache_as(torch.float16, net, chosen, data, extract, fit)
+        except FeatureOverflowError:
+            pass
+    return _cache_as(torch.float32, net, chosen, data, extract, fit)
+
+
+def _cache_as(dtype, net, chosen, data: _Data, extract, fit: _Fit) -> Tuple[Dict[str, FeatureCache], Dict[str, FeatureCache]]:
     names = [n for n, _ in chosen]
-    dtype = torch.float16 if fit.readout is not None else torch.float32
     limit = fit.memory_limit
     caches = []
     for images in (data.train[0], data.test[0]):
