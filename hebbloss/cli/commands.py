@@ -117,17 +117,22 @@ def _build(cfg: Dict[str, Any], ds) -> build.Built:
     model.to(cfg.get("device") or "cpu")
     built = build.build_reference(cfg, model, recipe, probe_default) if recipe is not None else build.build_generic(cfg, model, probe_default)
     try:
-        _check_probe_layers(built.model, built.probe_layers)
+        _check_probe_layers(built.model, built.probe_layers, cfg)
     except Exception:
         built.plastic.remove()
         raise
     return built
 
 
-def _check_probe_layers(model, probe_layers) -> None:
-    """Unknown --probe-layers fail now, before any training, with the model's layer names."""
+def _check_probe_layers(model, probe_layers, cfg) -> None:
+    """Unknown --probe-layers, or a paper readout (--method) the model has not, fail now, before any
+    training, with the model's layer names or the known readouts."""
+    from ..probe.evaluate import paper_readout
     from ..probe.features import resolve_layers
 
+    readout = paper_readout(cfg.get("method") or "ridge", model)
+    if readout is not None and not cfg.get("probe_layers"):
+        probe_layers = list(readout.layers(model).values())
     resolve_layers(model, probe_layers)
 
 
@@ -220,7 +225,7 @@ def probe(args) -> int:
         model, probe_default, _ = build.create_model(cfg, tuple(ds.train_images.shape[1:]), ds.name)
         model.to(cfg.get("device") or "cpu")
         probe_layers = build.probe_layers(cfg, probe_default)
-        _check_probe_layers(model, probe_layers)
+        _check_probe_layers(model, probe_layers, cfg)
         from ..selection import select_layers
 
         first = select_layers(model, cfg.get("layers"))[0]
