@@ -283,6 +283,16 @@ def test_probe_with_the_papers_readout(tmp_path, capsys, model, readout, layers,
     assert results["config"]["readout_epochs"] == 1
 
 
+def test_reprobe_a_trained_run_with_the_papers_readout_takes_its_layers_and_pooling(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--epochs", "1", "--batch-size", "16", "--pool", "global", "--baselines", "none",
+                 "--out", str(out)]) == 0
+    assert main(["probe", "--run", str(out), "--method", "paper", "--no-progress"]) == 0
+    probe = json.loads((out / "results.json").read_text())["probe"]
+    assert probe["pool"] == "quadrants"  # Miconi's, not the global pooling the run was probed with
+    assert [(r["network"], r["layer"], r["method"]) for r in probe["rows"]] == [("model", l, "miconi") for l in ("norm2", "norm3", "pool3")]
+
+
 def test_probe_fresh_timm_model(tmp_path, capsys):
     out = tmp_path / "probe"
     assert main(["probe", "--dataset", "tiny", "--model", "timm:resnet10t", "--probe-layers", "layer1", "layer2",

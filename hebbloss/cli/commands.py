@@ -124,6 +124,12 @@ def _build(cfg: Dict[str, Any], ds) -> build.Built:
     return built
 
 
+def _paper_method(method) -> bool:
+    from ..probe.evaluate import PAPER_METHODS
+
+    return method in PAPER_METHODS
+
+
 def _check_probe_layers(model, probe_layers, cfg) -> None:
     """Unknown --probe-layers, or a paper readout (--method) the model has not, fail now, before any
     training, with the model's layer names or the known readouts."""
@@ -209,6 +215,8 @@ def probe(args) -> int:
         saved_cfg = config.read_file(folder / CONFIG)
         config.check_resume_overrides(saved_cfg, flags, folder)
         cfg = config.merge(saved_cfg, {k: v for k, v in flags.items() if k in config.RESUMABLE})
+        if _paper_method(flags.get("method")) and "pool" not in flags:
+            cfg["pool"] = None  # a paper readout pools as its paper does, not as the run was probed before
         saved = checkpoint.load(ckpt_path)
         ds = _load_data(cfg)
         built = _build(cfg, ds)
@@ -269,10 +277,9 @@ def _preprocess(cfg, ds, saved=None, path=None, zca=None) -> Preprocess:
 def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare: Preprocess) -> int:
     from ..data import ImageDataset
     from ..probe import evaluate
-    from ..probe.evaluate import PAPER_METHODS
 
     method = cfg.get("method") or "ridge"
-    if method in PAPER_METHODS:  # the paper's layers unless --probe-layers names others
+    if _paper_method(method):  # the paper's layers unless --probe-layers names others
         probe_layers = cfg.get("probe_layers") or None
     memory = config.parse_bytes(cfg.get("feature_memory"), "--feature-memory")
     started = time.perf_counter()
