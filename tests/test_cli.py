@@ -180,6 +180,9 @@ def run_failing(argv, capsys):
     (["--post", "wta:3"], "--post 'wta:3' is not understood"),
     (["--layer-lr", "conv7=0.1"], "layer_lr pattern 'conv7' matches none of the plastic layers: conv1, conv2, conv3"),
     (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["--feature-memory", "4X"], "--feature-memory: '4X' is not a size"),
+    (["--readout-epochs", "0"], "--readout-epochs 0: must be a positive number of epochs"),
+    (["--model", "timm:resnet10t", "--method", "paper"], "no paper readout is known for model 'ResNet'"),
 ])
 def test_bad_input_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -260,6 +263,34 @@ def test_run_end_to_end_then_reprobe(tmp_path, capsys):
     assert {r["network"] for r in results["probe"]["rows"]} == {"model"}
     assert results["train"]["global_step"] == 3  # the training record is kept
     assert_same_weights(checkpoint.load(out / "checkpoint.pt")["model"], weights)  # probing changes no weight
+
+
+@pytest.mark.parametrize("model, readout, layers, pool", [
+    (["--model", "softhebb", "--model-arg", "dataset=mnist", "--model-arg", "channels=[4,6,8]"], "softhebb",
+     ["pool1", "pool2", "pool3"], "flatten"),
+    (TINY[2:8], "miconi", ["norm2", "norm3", "pool3"], "quadrants"),
+])
+def test_probe_with_the_papers_readout(tmp_path, capsys, model, readout, layers, pool):
+    out = tmp_path / "paper"
+    assert main(["probe", "--dataset", "tiny", *model, "--method", "paper", "--readout-epochs", "1",
+                 "--feature-memory", "1K", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["probe"]["rows"]
+    assert [(r["network"], r["layer"], r["method"]) for r in rows] == [(n, l, readout) for n in ("model", "random") for l in layers]
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    assert results["probe"]["pool"] == pool
+    assert results["config"]["method"] == "paper" and results["config"]["feature_memory"] == 1024
+    assert results["config"]["readout_epochs"] == 1
+
+
+def test_reprobe_a_trained_run_with_the_papers_readout_takes_its_layers_and_pooling(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--epochs", "1", "--batch-size", "16", "--pool", "global", "--baselines", "none",
+                 "--out", str(out)]) == 0
+    assert main(["probe", "--run", str(out), "--method", "paper", "--no-progress"]) == 0
+    probe = json.loads((out / "results.json").read_text())["probe"]
+    assert probe["pool"] == "quadrants"  # Miconi's, not the global pooling the run was probed with
+    assert [(r["network"], r["layer"], r["method"]) for r in probe["rows"]] == [("model", l, "miconi") for l in ("norm2", "norm3", "pool3")]
 
 
 def test_probe_fresh_timm_model(tmp_path, capsys):

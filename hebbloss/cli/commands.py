@@ -36,6 +36,11 @@ def _flags(args) -> Dict[str, Any]:
         flags["baselines"] = [] if [b.lower() for b in flags["baselines"]] == ["none"] else list(flags["baselines"])
     if getattr(args, "config", None):
         flags = {**config.read_file(args.config), **flags}
+    if "feature_memory" in flags:  # checked now, before anything is trained or written
+        flags["feature_memory"] = config.parse_bytes(flags["feature_memory"], "--feature-memory")
+    epochs = flags.get("readout_epochs")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise ConfigError(f"--readout-epochs {epochs!r}: must be a positive number of epochs")
     return flags
 
 
@@ -112,17 +117,28 @@ def _build(cfg: Dict[str, Any], ds) -> build.Built:
     model.to(cfg.get("device") or "cpu")
     built = build.build_reference(cfg, model, recipe, probe_default) if recipe is not None else build.build_generic(cfg, model, probe_default)
     try:
-        _check_probe_layers(built.model, built.probe_layers)
+        _check_probe_layers(built.model, built.probe_layers, cfg)
     except Exception:
         built.plastic.remove()
         raise
     return built
 
 
-def _check_probe_layers(model, probe_layers) -> None:
-    """Unknown --probe-layers fail now, before any training, with the model's layer names."""
+def _paper_method(method) -> bool:
+    from ..probe.evaluate import PAPER_METHODS
+
+    return method in PAPER_METHODS
+
+
+def _check_probe_layers(model, probe_layers, cfg) -> None:
+    """Unknown --probe-layers, or a paper readout (--method) the model has not, fail now, before any
+    training, with the model's layer names or the known readouts."""
+    from ..probe.evaluate import paper_readout
     from ..probe.features import resolve_layers
 
+    readout = paper_readout(cfg.get("method") or "ridge", model)
+    if readout is not None and not cfg.get("probe_layers"):
+        probe_layers = list(readout.layers(model).values())
     resolve_layers(model, probe_layers)
 
 
@@ -199,6 +215,8 @@ def probe(args) -> int:
         saved_cfg = config.read_file(folder / CONFIG)
         config.check_resume_overrides(saved_cfg, flags, folder)
         cfg = config.merge(saved_cfg, {k: v for k, v in flags.items() if k in config.RESUMABLE})
+        if _paper_method(flags.get("method")) and "pool" not in flags:
+            cfg["pool"] = None  # a paper readout pools as its paper does, not as the run was probed before
         saved = checkpoint.load(ckpt_path)
         ds = _load_data(cfg)
         built = _build(cfg, ds)
@@ -215,7 +233,7 @@ def probe(args) -> int:
         model, probe_default, _ = build.create_model(cfg, tuple(ds.train_images.shape[1:]), ds.name)
         model.to(cfg.get("device") or "cpu")
         probe_layers = build.probe_layers(cfg, probe_default)
-        _check_probe_layers(model, probe_layers)
+        _check_probe_layers(model, probe_layers, cfg)
         from ..selection import select_layers
 
         first = select_layers(model, cfg.get("layers"))[0]
@@ -260,13 +278,19 @@ def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare
     from ..data import ImageDataset
     from ..probe import evaluate
 
+    method = cfg.get("method") or "ridge"
+    if _paper_method(method):  # the paper's layers unless --probe-layers names others
+        probe_layers = cfg.get("probe_layers") or None
+    memory = config.parse_bytes(cfg.get("feature_memory"), "--feature-memory")
     started = time.perf_counter()
     seen = ImageDataset(prepare.apply_in_chunks(ds.train_images), ds.train_labels, prepare.apply_in_chunks(ds.test_images),
                         ds.test_labels, ds.classes, ds.name)  # the inputs exactly as the network saw them in training
     extra = {"device": cfg.get("device") or "cpu",
              "seed": int(cfg.get("seed") or 0), "progress": bool(cfg.get("progress", True)),
-             "batch_size": int(cfg.get("batch_size") or 256)}
-    result = evaluate(model, seen, probe_layers, method=cfg.get("method") or "ridge", pool=cfg.get("pool") or "quadrants",
+             "batch_size": int(cfg.get("batch_size") or 256), "max_feature_bytes": memory}
+    if cfg.get("readout_epochs") is not None:
+        extra["epochs"] = int(cfg["readout_epochs"])
+    result = evaluate(model, seen, probe_layers, method=method, pool=cfg.get("pool"),
                       baselines=tuple(cfg.get("baselines") or ()), **_accepted(evaluate, extra))
     seconds = time.perf_counter() - started
     print(result.table())
@@ -275,7 +299,7 @@ def _probe_and_report(cfg, folder: Path, ds, model, probe_layers, first, prepare
     layers = list(next(iter(per_network.values()), {}))
     chance = 1.0 / max(1, len(ds.classes))
     acc_png = report.plot_accuracy(per_network, folder / report.ACCURACY_PNG,
-                                   title=f"{ds.name}: {cfg.get('method') or 'ridge'} probe per layer", chance=chance)
+                                   title=f"{ds.name}: {method} probe per layer", chance=chance)
     name, module = first
     filt_png = report.plot_filters(module, folder / report.FILTERS_PNG, tuple(ds.train_images.shape[1:]),
                                    title=f"{name or '(model)'}: learned filters")

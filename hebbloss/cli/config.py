@@ -40,8 +40,10 @@ DEFAULTS: Dict[str, Any] = {
     "max_steps": None,        # stop (with a checkpoint) after this many steps in this invocation
     # probe
     "probe_layers": None,     # None: the model's feature layers
-    "method": "ridge",        # ridge | logistic
-    "pool": "quadrants",      # quadrants | global | flatten | an int grid size
+    "method": "ridge",        # ridge | logistic | paper (the model's paper's readout) | softhebb | miconi
+    "pool": None,             # quadrants | global | flatten | an int grid size; None: quadrants, or the paper readout's
+    "readout_epochs": None,   # epochs of the logistic / softhebb readout; None: 50 (the paper's)
+    "feature_memory": None,   # bytes of features held in memory (e.g. 4G); None: half the memory available now
     "baselines": ["random"],
     # output
     "out": None,              # results folder; None: hebbloss-results/<name>
@@ -51,7 +53,7 @@ DEFAULTS: Dict[str, Any] = {
 
 # Keys a resumed run may change: they do not alter what has been trained so far.
 RESUMABLE = {"epochs", "max_steps", "checkpoint_every", "device", "progress", "probe_layers", "method", "pool",
-             "baselines", "data_dir", "cache_dir", "download"}
+             "readout_epochs", "feature_memory", "baselines", "data_dir", "cache_dir", "download"}
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,24 @@ def normalise_keys(raw: Mapping[str, Any], source: str) -> Dict[str, Any]:
             raise ConfigError(f"{source}: unknown setting {key!r}; valid settings are {', '.join(sorted(DEFAULTS))}")
         out[k] = value
     return out
+
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def parse_bytes(value: Any, key: str = "feature_memory") -> Any:
+    """A size in bytes from a number or a text such as 4G, 500M, 2.5GiB or 1024 (binary units); None stays None."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        size = float(text[:len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        size = -1
+    if not size > 0:
+        raise ConfigError(f"{key}: {value!r} is not a size; give bytes or a size such as 4G, 500M or 2.5GiB")
+    return int(size)
 
 
 def read_file(path: str) -> Dict[str, Any]:

@@ -87,8 +87,17 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 def _probe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probe")
     g.add_argument("--probe-layers", dest="probe_layers", nargs="+", default=S, help="layers to probe (default: the model's feature layers)")
-    g.add_argument("--method", choices=["ridge", "logistic"], default=S, help="linear readout (default ridge)")
-    g.add_argument("--pool", type=_pool, default=S, help="quadrants | global | flatten | N (NxN grid) (default quadrants)")
+    g.add_argument("--method", choices=["ridge", "logistic", "paper", "softhebb", "miconi"], default=S,
+                   help="linear readout (default ridge); paper: the readout of the paper the model comes from "
+                        "(softhebb: SoftHebb's dropout + linear layer on each block's flattened output; miconi: "
+                        "Miconi 2021's ridge), on the paper's layers and pooling unless --probe-layers / --pool are given")
+    g.add_argument("--pool", type=_pool, default=S,
+                   help="quadrants | global | flatten | N (NxN grid) (default quadrants, or the paper readout's)")
+    g.add_argument("--readout-epochs", dest="readout_epochs", type=int, default=S,
+                   help="epochs of the logistic or softhebb readout (default 50, the paper's)")
+    g.add_argument("--feature-memory", dest="feature_memory", default=S, metavar="BYTES",
+                   help="features held in memory, e.g. 4G or 500M (default: half the memory available now); beyond it "
+                        "ridge streams and the other readouts read their features from a disk cache")
     g.add_argument("--baselines", nargs="+", default=S, help="baselines probed in the same harness: random, backprop, or none")
 
 

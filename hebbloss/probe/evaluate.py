@@ -2,11 +2,17 @@
 
 For each network (the model, then each baseline) the features of every chosen layer are extracted once
 (eval mode, no_grad: no plasticity, no threshold updates) and every readout method is fitted on them.
-When the features would not fit in ``max_feature_bytes``, ridge is streamed instead: X^T X and X^T Y
-are accumulated batch by batch and the features recomputed for scoring, never stored.
+When the features would not fit in ``max_feature_bytes`` (default: a fraction of the memory available
+now), ridge is streamed instead: X^T X and X^T Y are accumulated batch by batch and the features
+recomputed for scoring, never stored; logistic and the papers' readouts read them from a disk cache.
+
+The papers' readouts (:data:`hebbloss.probe.readouts.READOUTS`: "softhebb", "miconi", or "paper" for the
+one of the paper the model comes from) are methods too: they read the paper's layers with the paper's
+pooling unless ``layers`` / ``pool`` are given, from float16 feature caches computed once per network.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -17,13 +23,16 @@ from tqdm.auto import tqdm
 
 from ..data import ImageDataset, load_dataset
 from .baselines import BASELINES, backprop_copy, random_copy
+from .feature_cache import SAFETY_FRACTION, FeatureCache, FeatureOverflowError, available_memory, cache_features
 from .features import capture_features, iter_features, model_device, resolve_layers
 from .logistic import fit_logistic
 from .pooling import Pool, check_pool
+from .readouts import READOUTS, PaperReadout, paper_readout_for
 from .result import ProbeResult
 from .ridge import MAX_FEATURES, RidgeSolution, RidgeSweep, candidate_alphas, fit_ridge, held_out_mask
 
 METHODS = ("ridge", "logistic")
+PAPER_METHODS = ("paper",) + tuple(READOUTS)  # "paper": the readout of the paper the model comes from
 RANDOM_SEED_OFFSET = 104729  # baselines draw weights apart from a model built right after torch.manual_seed(seed)
 
 
@@ -97,28 +106,46 @@ class _Data(NamedTuple):
 
 
 class _Fit(NamedTuple):
-    """How each layer's readouts are fitted (the arguments of :func:`evaluate` of that name)."""
+    """How each layer's readouts are fitted (the arguments of :func:`evaluate` of that name), the paper's
+    readout when one was asked for, and the bytes of features that may stay in memory."""
 
     methods: List[str]
     alphas: List[float]
     epochs: int
     val_fraction: float
     seed: int
+    readout: Optional[PaperReadout] = None
+    memory_limit: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------- settings and data
 def _check_settings(method, baselines, stream, pool, alpha) -> Tuple[List[str], List[float]]:
     """The methods and candidate alphas asked for; ValueError for any unknown or contradictory setting."""
     methods = [method] if isinstance(method, str) else list(method)
-    bad = [m for m in methods if m not in METHODS] + [b for b in baselines if b not in BASELINES]
+    bad = [m for m in methods if m not in METHODS + PAPER_METHODS] + [b for b in baselines if b not in BASELINES]
     if bad or not methods:
-        raise ValueError(f"unknown method or baseline {bad or methods}; methods: {METHODS}, baselines: {BASELINES}")
+        raise ValueError(f"unknown method or baseline {bad or methods}; methods: {METHODS + PAPER_METHODS}, baselines: {BASELINES}")
+    paper = [m for m in methods if m in PAPER_METHODS]
+    if paper and len(methods) > 1:
+        raise ValueError(f"method {paper[0]!r} is a paper's readout with its own layers and pooling; evaluate it alone "
+                         f"(method={paper[0]!r}), not together with {[m for m in methods if m != paper[0]]}")
     if stream not in (True, False, "auto"):
         raise ValueError(f"stream must be True, False or 'auto', got {stream!r}")
-    if stream is True and "logistic" in methods:
-        raise ValueError("only ridge can be streamed; use method='ridge', or pool the features so they fit in memory")
-    check_pool(pool)
+    if stream is True and methods != ["ridge"]:
+        raise ValueError(f"only ridge can be streamed, got method={methods}; use method='ridge', or stream='auto' "
+                         "(the other readouts then read features beyond max_feature_bytes from a disk cache)")
+    if pool is not None:
+        check_pool(pool)
     return methods, candidate_alphas(alpha)
+
+
+def paper_readout(method: str, model: nn.Module) -> Optional[PaperReadout]:
+    """The paper readout that ``method`` names ("softhebb", "miconi", or "paper": the one of the paper
+    ``model`` comes from, by :func:`hebbloss.probe.readouts.paper_readout_for`), None for ridge/logistic.
+    ValueError naming the model when it has no paper readout."""
+    if method == "paper":
+        return paper_readout_for(model)
+    return READOUTS.get(method)
 
 
 def _subset(images, labels, limit, seed):
@@ -140,17 +167,11 @@ def _probe_data(dataset: Union[ImageDataset, str], max_train, max_test, seed) ->
                  max(dataset.num_classes, int(dataset.train_labels.max()) + 1), dataset.name)
 
 
-def _must_stream(model, chosen, data: _Data, extract, max_feature_bytes, methods) -> bool:
-    """Whether the features of all chosen layers exceed ``max_feature_bytes`` (sized from one forward pass of two
-    images); ValueError when they do and logistic, which needs them in memory, is asked for."""
+def _must_stream(model, chosen, data: _Data, extract, max_feature_bytes) -> bool:
+    """Whether the float32 features of all chosen layers exceed ``max_feature_bytes`` (sized from one forward
+    pass of two images)."""
     dims = next(iter_features(model, chosen, data.train[0][:2], **extract))
-    stream = sum(f.shape[1] for f in dims.values()) * 4 * (data.train[0].shape[0] + data.test[0].shape[0]) > max_feature_bytes
-    if stream and "logistic" in methods:
-        raise ValueError(
-            f"the features of {[n for n, _ in chosen]} exceed max_feature_bytes={max_feature_bytes}; logistic needs them "
-            "in memory: pool them (pool='quadrants' or 'global'), probe fewer layers or samples, or raise max_feature_bytes"
-        )
-    return stream
+    return sum(f.shape[1] for f in dims.values()) * 4 * (data.train[0].shape[0] + data.test[0].shape[0]) > max_feature_bytes
 
 
 def _check_dim(layer: str, dim: int) -> None:
@@ -251,13 +272,66 @@ def _streamed_rows(label, net, chosen, data: _Data, extract, fit: _Fit, bar) -> 
     bar.update(1 + len(chosen) * len(fit.methods))
 
 
+# ----------------------------------------------------------------------------------------------- cached features
+def _cache(net, chosen, data: _Data, extract, fit: _Fit) -> Tuple[Dict[str, FeatureCache], Dict[str, FeatureCache]]:
+    """The train and test features of ``net`` as FeatureCaches (float16 for a paper readout, float32 for
+    logistic or when a feature exceeds float16's range), in memory while they fit in ``fit.memory_limit``
+    bytes, the rest in temporary files deleted with the caches."""
+    if fit.readout is not None:
+        try:
+            return _cache_as(torch.float16, net, chosen, data, extract, fit)
+        except FeatureOverflowError:
+            pass
+    return _cache_as(torch.float32, net, chosen, data, extract, fit)
+
+
+def _cache_as(dtype, net, chosen, data: _Data, extract, fit: _Fit) -> Tuple[Dict[str, FeatureCache], Dict[str, FeatureCache]]:
+    names = [n for n, _ in chosen]
+    limit = fit.memory_limit
+    caches = []
+    for images in (data.train[0], data.test[0]):
+        cache = cache_features(net, names, images, dtype=dtype, memory_limit=limit, **extract)
+        limit -= sum(len(c) * c.dim * c.dtype.itemsize for c in cache.values() if not c.on_disk)
+        caches.append(cache)
+    return caches[0], caches[1]
+
+
+def _fit_cached(x: FeatureCache, xt: FeatureCache, data: _Data, fit: _Fit, device) -> Tuple[str, ProbeResult]:
+    """(method, result) of the paper's readout, or of logistic, fitted on cached features."""
+    if fit.readout is None:
+        return "logistic", fit_logistic(x, data.train[1], xt, data.test[1], epochs=fit.epochs, num_classes=data.num_classes,
+                                        seed=fit.seed)
+    options = {"epochs": fit.epochs, "num_classes": data.num_classes, "device": device}
+    accepted = inspect.signature(fit.readout.fit).parameters
+    options = {k: v for k, v in options.items() if k in accepted}
+    return fit.readout.name, fit.readout.fit(x, data.train[1], xt, data.test[1], seed=fit.seed, **options)
+
+
+def _cached_rows(label, net, chosen, data: _Data, extract, fit: _Fit, bar) -> Iterator[ProbeRow]:
+    """Cache the features of ``net`` once, then one row per layer fitted on them (the paper's readout, or logistic)."""
+    train, test = _cache(net, chosen, data, extract, fit)
+    bar.update(1)
+    for name, _ in chosen:
+        method, res = _fit_cached(train[name], test[name], data, fit, extract["device"])
+        yield ProbeRow(label, name, method, train[name].dim, res.train_acc, res.test_acc, res.alpha)
+        bar.update(1)
+
+
+def _large_rows(label, net, chosen, data: _Data, extract, fit: _Fit, bar) -> Iterator[ProbeRow]:
+    """Features beyond the memory limit: ridge streamed, logistic from a disk cache."""
+    if "ridge" in fit.methods:
+        yield from _streamed_rows(label, net, chosen, data, extract, fit._replace(methods=["ridge"]), bar)
+    if "logistic" in fit.methods:
+        yield from _cached_rows(label, net, chosen, data, extract, fit._replace(methods=["logistic"]), bar)
+
+
 # ----------------------------------------------------------------------------------------------- the harness
 def evaluate(
     model: nn.Module,
     dataset: Union[ImageDataset, str],
     layers=None,
     method: Union[str, Sequence[str]] = "ridge",
-    pool: Pool = "quadrants",
+    pool: Optional[Pool] = None,
     baselines: Sequence[str] = ("random",),
     alpha=None,
     epochs: int = 50,
@@ -269,7 +343,7 @@ def evaluate(
     max_test: Optional[int] = None,
     backprop_epochs: int = 1,
     stream: Union[bool, str] = "auto",
-    max_feature_bytes: int = 2 ** 31,
+    max_feature_bytes: Optional[float] = None,
     val_fraction: float = 0.1,
     seed: int = 0,
     use_timm: bool = True,
@@ -279,23 +353,38 @@ def evaluate(
 
     layers: as in :func:`capture_features` (None: timm feature stages, else every Linear/Conv; "input"
     probes the pixels); method: "ridge" (closed form, ``alpha`` a value or a list swept on a held-out
-    ``val_fraction``) and/or "logistic" (SoftHebb recipe, ``epochs``); baselines: "random" (re-initialised
+    ``val_fraction``) and/or "logistic" (SoftHebb recipe, ``epochs``), or alone one of :data:`PAPER_METHODS`:
+    "softhebb" (SoftHebb's readout, Journe et al. 2023, ``epochs`` of it), "miconi" (Miconi 2021's ridge) or
+    "paper" (the readout of the paper ``model`` comes from, by its recipe's name; ValueError when there is
+    none); these default ``layers`` and ``pool`` to the paper's and label their rows with the readout's name.
+    pool: None gives "quadrants" (or the paper readout's pooling); baselines: "random" (re-initialised
     copy) and/or "backprop" (copy trained end to end for ``backprop_epochs``); mean/std normalise the
     images per channel, as the model saw them in training; max_train/max_test: random subsets.
-    ``stream``: True, False or "auto" (when the features of all layers exceed ``max_feature_bytes``); only
-    ridge can be streamed. The model is not changed (eval mode and no_grad during extraction).
+    ``max_feature_bytes``: features that may be held in memory (None: SAFETY_FRACTION of the memory
+    available now); beyond it ridge is streamed and the other readouts read their features from a disk
+    cache. ``stream``: True (ridge only), False or "auto" (when the features of all layers exceed
+    ``max_feature_bytes``). The model is not changed (eval mode and no_grad during extraction).
     ``progress`` shows a tqdm bar over networks, feature extraction and readouts.
     """
     t0 = time.perf_counter()
     methods, alphas = _check_settings(method, baselines, stream, pool, alpha)
+    readout = paper_readout(methods[0], model)
+    if readout is not None:
+        layers = list(readout.layers(model).values()) if layers is None else layers
+        pool = readout.pool if pool is None else pool
+    pool = "quadrants" if pool is None else pool
+    memory_limit = available_memory() * SAFETY_FRACTION if max_feature_bytes is None else max_feature_bytes
     data = _probe_data(dataset, max_train, max_test, seed)
     chosen = resolve_layers(model, layers)
     device = torch.device(device) if device is not None else model_device(model)
     extract = dict(batch_size=batch_size, pool=pool, device=device, mean=mean, std=std, use_timm=use_timm)
-    if stream == "auto":
-        stream = _must_stream(model, chosen, data, extract, max_feature_bytes, methods)
-    probe_rows = _streamed_rows if stream else _stored_rows
-    fit = _Fit(methods, alphas, epochs, val_fraction, seed)
+    if readout is not None:
+        probe_rows = _cached_rows
+    else:
+        if stream == "auto":
+            stream = _must_stream(model, chosen, data, extract, memory_limit)
+        probe_rows = _large_rows if stream else _stored_rows
+    fit = _Fit(methods, alphas, epochs, val_fraction, seed, readout, memory_limit)
 
     report = ProbeReport(dataset=data.name, pool=pool, num_train=data.train[0].shape[0], num_test=data.test[0].shape[0])
     networks = _networks(model, baselines, data, backprop_epochs, mean, std, seed)

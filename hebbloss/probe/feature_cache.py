@@ -63,6 +63,10 @@ def available_memory() -> int:
     return available
 
 
+class FeatureOverflowError(ValueError):
+    """A feature too large for the cache's dtype (e.g. above 65504 for float16)."""
+
+
 def _numpy_dtype(dtype: torch.dtype):
     if dtype not in _NUMPY:
         raise ValueError(f"a feature cache stores float16, float32 or float64, got dtype={dtype}")
@@ -223,7 +227,7 @@ class FeatureCacheWriter:
             raise ValueError(f"the feature batches give more than num_samples={self.num_samples} rows")
         largest = float(batch.abs().max()) if batch.numel() else 0.0
         if largest > torch.finfo(self.dtype).max:
-            raise ValueError(f"a feature of magnitude {largest:.3g} at rows {self.rows}.. does not fit in {self.dtype} "
+            raise FeatureOverflowError(f"a feature of magnitude {largest:.3g} at rows {self.rows}.. does not fit in {self.dtype} "
                              f"(at most {torch.finfo(self.dtype).max:.5g}); store the features as dtype=torch.float32")
         if self._data is not None:
             self._data[self.rows:self.rows + batch.shape[0]].copy_(batch)
