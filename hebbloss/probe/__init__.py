@@ -3,7 +3,7 @@
     report = hebbloss.probe.evaluate(model, dataset, layers=["conv1", "conv2"], method="ridge")
     print(report.table())
 """
-from .evaluate import ProbeReport, evaluate
+from .evaluate import PAPER_METHODS, ProbeReport, evaluate, paper_readout
 from .feature_cache import FeatureCache, cache_features
 from .features import capture_features
 from .logistic import fit_logistic
@@ -13,7 +13,7 @@ from .result import ProbeResult
 from .ridge import RidgeAccumulator, choose_alpha, fit_ridge
 
 __all__ = [
-    "FeatureCache", "ProbeReport", "ProbeResult", "READOUTS", "RidgeAccumulator", "cache_features", "capture_features",
+    "FeatureCache", "PAPER_METHODS", "ProbeReport", "ProbeResult", "READOUTS", "RidgeAccumulator", "cache_features", "capture_features",
     "choose_alpha", "evaluate", "evaluate_paper_readout", "fit_logistic", "fit_ridge", "miconi_readout",
-    "paper_readout_for", "pool_features", "softhebb_readout",
+    "paper_readout", "paper_readout_for", "pool_features", "softhebb_readout",
 ]
