@@ -94,11 +94,20 @@ def _exact(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
-def _learning_rates(names, lr, cfg: Mapping[str, Any]) -> Dict[str, float]:
-    """``hebbloss.optim.learning_rates`` with the run's ``layer_lr`` patterns (a YAML file may give a
-    rate as '1e-3'); a bad rate or pattern is a ConfigError."""
+def _as_rate(value: Any, what: str) -> float:
+    """A learning rate read from the settings (YAML may give '1e-3' as text); a ConfigError if it is no number."""
     try:
-        layer_lr = {pattern: float(value) for pattern, value in (cfg.get("layer_lr") or {}).items()}
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
+
+
+def _learning_rates(names, lr, cfg: Mapping[str, Any]) -> Dict[str, float]:
+    """``hebbloss.optim.learning_rates`` with the run's ``layer_lr`` patterns (rates read by :func:`_as_rate`);
+    a bad rate or pattern is a ConfigError."""
+    layer_lr = {pattern: _as_rate(value, f"the layer_lr rate of {pattern!r}")
+                for pattern, value in (cfg.get("layer_lr") or {}).items()}
+    try:
         return optim.learning_rates(names, lr, layer_lr)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -234,14 +243,6 @@ def _warmup_steps(cfg: Mapping[str, Any], default: int) -> int:
     return value
 
 
-def _as_rate(value: Any, layer: str) -> float:
-    """A learning rate read from the settings (YAML may give '1e-3' as text); a ConfigError if it is no number."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"the learning rate of layer {layer} must be a number, got {value!r}") from None
-
-
 def _per_layer(value: Any, layers: Mapping[str, Any], key: str) -> Dict[str, Any]:
     """``{layer: value}`` for one setting: the same value for every layer, or a ``{layer: value}`` mapping
     (as config.yaml records a recipe's per-layer values) that must name exactly the plastic layers."""
@@ -286,7 +287,7 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
             raise ConfigError(f"--layers {cfg['layers']} matches none of the plastic layers of {recipe.name}: {', '.join(recipe.layers)}")
         recipe.layers = keep
     rules, posts, lrs = (_per_layer(cfg.get(key), recipe.layers, key) for key in ("rule", "post", "lr"))
-    base = {n: (lay.lr if lrs[n] is None else _as_rate(lrs[n], n)) for n, lay in recipe.layers.items()}
+    base = {n: (lay.lr if lrs[n] is None else _as_rate(lrs[n], f"the learning rate of layer {n}")) for n, lay in recipe.layers.items()}
     rates = _learning_rates(recipe.layers, base, cfg)
     for name, lay in recipe.layers.items():
         if rules[name] is not None:
