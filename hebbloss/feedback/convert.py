@@ -127,10 +127,7 @@ class Feedback(HookHandle):
         for hook in state.hooks:
             hook.remove()
         if self.mode.entry is not None:
-            if self.mode.trainable:
-                new.register_parameter(self.mode.entry, nn.Parameter(entry))
-            else:
-                new.register_buffer(self.mode.entry, entry, persistent=True)
+            _add_entry(new, self.mode, entry)
             delattr(old, self.mode.entry)
         del _CONVERTED[old]
         state.module, state.kind, state.x = new, layers.layer_type_of(new, "feedback"), None
@@ -229,13 +226,17 @@ def convert(
     states = {name: _Layer(name, module, mode_obj, decay, generator) for name, module in chosen}
     for name, module in chosen:  # nothing was changed before this line
         if name in entries:
-            value = entries[name]
-            if mode_obj.trainable:
-                module.register_parameter(mode_obj.entry, nn.Parameter(value))
-            else:
-                module.register_buffer(mode_obj.entry, value, persistent=True)
+            _add_entry(module, mode_obj, entries[name])
         _CONVERTED[module] = states[name]
     return Feedback(model, mode_obj, states)  # places the hooks
+
+
+def _add_entry(module: nn.Module, mode: modes.Mode, value: torch.Tensor) -> None:
+    """Give ``module`` the mode's persistent entry (B or M): a Parameter when B trains (urfb, kp), else a buffer."""
+    if mode.trainable:
+        module.register_parameter(mode.entry, nn.Parameter(value))
+    else:
+        module.register_buffer(mode.entry, value, persistent=True)
 
 
 def converted_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -259,8 +260,9 @@ def carry_over(old: nn.Module, new: nn.Module, entry: Optional[torch.Tensor] = N
     if state is None:
         return False
     owner = state.owner
-    if layers.why_unsupported(new, "feedback") is not None:
-        raise ValueError(f"cannot carry the feedback of {type(old).__name__} over: {layers.why_unsupported(new, 'feedback')}")
+    reason = layers.why_unsupported(new, "feedback")
+    if reason is not None:
+        raise ValueError(f"cannot carry the feedback of {type(old).__name__} over: {reason}")
     if state.mode.entry is not None:
         weight = new.weight
         if entry is None or tuple(entry.shape) != tuple(weight.shape):
