@@ -83,8 +83,7 @@ def validate(
     strict: raise ValueError listing every refused layer and problem instead of returning them.
     Returns a :class:`ValidationReport`; the model is never changed.
     """
-    if purpose not in layers.PURPOSES:
-        raise ValueError(f"purpose must be one of {', '.join(map(repr, layers.PURPOSES))}, got {purpose!r}")
+    layers.check_purpose(purpose)
     problems = []
     if rule is not None:
         try:
@@ -97,7 +96,7 @@ def validate(
     )
     report = ValidationReport(
         model=type(model).__name__, purpose=purpose,
-        chosen=[(n, layers.layer_type_of(m, purpose).name) for n, m in accepted],
+        chosen=[(n, layers.family_of(m).of(m).name) for n, m in accepted],  # accepted: checked above
         refused=refused, problems=problems + found, modules=dict(accepted),
     )
     return report.raise_if_invalid() if strict else report

@@ -190,7 +190,8 @@ def family_of(module: nn.Module) -> Optional[LayerType]:
     return None if found is None else found[1]
 
 
-def _check_purpose(purpose: str) -> None:
+def check_purpose(purpose: str) -> None:
+    """Refuse a ``purpose`` other than those of :data:`PURPOSES`."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {', '.join(map(repr, PURPOSES))}, got {purpose!r}")
 
@@ -198,7 +199,7 @@ def _check_purpose(purpose: str) -> None:
 def why_unsupported(module: nn.Module, purpose: str = "plastic") -> Optional[str]:
     """Why ``module`` cannot be made plastic (``purpose="plastic"``) or converted to feedback
     learning (``purpose="feedback"``), or None when it can."""
-    _check_purpose(purpose)
+    check_purpose(purpose)
     cls = type(module)
     found = _registered_base(cls)
     if found is None:
