@@ -56,9 +56,12 @@ PUBLISHED = {"source": "BioTorch, Jiménez Sanfiz & Akrout 2021, ResNet-20 on CI
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 ALL_MODES = ["bp", "fa", "usf", "frsf", "brsf", "urfb", "kp"]
 DEPTH_MODES = ["bp", "fa"]  # also run at the other depths
-# ms per ResNet-20 training step (batch 128, bp) measured with --measure on the shared 2-core machine, and
-# the epochs that fit ~20 minutes: see the module docstring of the report in docs/feedback.md.
-DEFAULT_EPOCHS = 8
+# Epochs that fit ~20 minutes of ResNet-20 on the 2-core machine (391 steps of batch 128 per epoch):
+# uncontended, 2 threads, the short-schedule runs of 2026-11-23 took 0.24 s/step (fa, usf, frsf), 0.28 (urfb,
+# kp) and 0.24-0.37 (bp), i.e. 93-143 s per epoch, so 10 epochs take 15-24 minutes. Measured again with
+# --measure on 2026-12-02 while another experiment held one core: 2.2 (fa) and 2.8 (bp) s/step with 2
+# threads, 0.9 s/step (bp) with 1 thread: on a busy machine pass --threads 1.
+DEFAULT_EPOCHS = 10
 
 
 # ------------------------------------------------------------------------------------------ networks
