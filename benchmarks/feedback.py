@@ -482,7 +482,7 @@ def parse_args(argv=None):
 
 def schedule_of(args, data) -> dict:
     return {
-        "modes": list(args.modes), "depths": sorted(args.depths), "amit_net": args.amit_net, "epochs": args.epochs,
+        "epochs": args.epochs,  # --modes, --depths and --amit-net choose runs: a protocol may run in parts
         "train_subset": args.train_subset, "test_subset": args.test_subset, "batch_size": args.batch_size,
         "lr": args.lr, "lr_schedule": "cosine", "momentum": 0.9, "nesterov": True, "weight_decay": args.weight_decay,
         "kp_decay": args.weight_decay, "decay_grouping": "hebbloss.feedback.param_groups", "usf_scale": "std at conversion",
