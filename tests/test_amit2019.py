@@ -81,7 +81,7 @@ def test_max_pool_as_his_code(size, stride, n):
             torch.testing.assert_close(out[..., i, j], torch.stack(vals).amax(0))
 
 
-@pytest.mark.parametrize("net,dense_in", [("simple", 32 * 11 * 11), ("deep", 128 * 4 * 4)])
+@pytest.mark.parametrize("net,dense_in", [("simple", 32 * 11 * 11), ("deep", 128 * 4 * 4), ("deep_s", 64 * 3 * 3)])
 def test_networks_at_32x32_tied_and_untied(net, dense_in):
     tied = models.create("amit2019", net=net, seed=0)
     untied = models.create("amit2019", net=net, untied=True, seed=0)
@@ -123,5 +123,5 @@ def test_glorot_bound_and_weight_clipping_after_step():
 
 
 def test_amit2019_bad_net_name():
-    with pytest.raises(ValueError, match="choose 'simple' or 'deep'"):
+    with pytest.raises(ValueError, match="choose one of 'simple', 'deep', 'deep_s'"):
         models.create("amit2019", net="resnet")

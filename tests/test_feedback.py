@@ -203,9 +203,11 @@ def test_bp_mode_is_backprop_and_usf_is_sign_concordant():
     assert _train(conv, 3) == pytest.approx(_train(plain, 3), rel=1e-10)
     usf = copy.deepcopy(plain)
     h = fb.convert(usf, "usf")
-    w = usf[6].weight.detach()
-    ref = torch.sign(w) * (w ** 2).mean().sqrt()
-    torch.testing.assert_close(h.feedback_weight("6"), ref)
+    w = usf[6].weight.detach().double()
+    n = w.numel()
+    std = (((w - w.sum() / n) ** 2).sum() / (n - 1)).sqrt()  # the standard deviation of W at conversion
+    ref = torch.sign(w) * std
+    torch.testing.assert_close(h.feedback_weight("6").double(), ref, rtol=1e-6, atol=1e-9)
 
 
 def test_state_dict_round_trip_keys_and_remove():

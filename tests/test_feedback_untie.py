@@ -36,10 +36,13 @@ def test_untie_carries_feedback_and_keeps_the_input_gradient(mode):
     reference = torch.nn.grad.conv2d_input(x.shape, B[0], g_h1, padding=1)
     torch.testing.assert_close(tied, reference)
 
+    scale_before = model[2].feedback_scale.item() if mode == "usf" else None
     new = fb.untie(model, (2, 6, 6))
     assert set(new) == {"0", "2"} and fb.converted_layers(model) == {"0": model[0], "2": model[2]}
     assert handle.layers == {"0": model[0], "2": model[2]}
-    if handle.mode.entry is not None:
+    if mode == "usf":  # its fixed scale is one number per layer, carried over unchanged
+        assert model[2].feedback_scale.shape == () and model[2].feedback_scale.item() == scale_before
+    elif handle.mode.entry is not None:
         stored = getattr(model[2], handle.mode.entry)
         assert stored.shape == model[2].weight.shape == (2, 2, 4, 3, 3, 3)
         assert isinstance(stored, nn.Parameter) == (mode in ("urfb", "kp"))
@@ -52,7 +55,7 @@ def test_untie_carries_feedback_and_keeps_the_input_gradient(mode):
     (model(x) * delta).sum().backward()
     torch.testing.assert_close(x.grad, reference)
     handle.remove()
-    assert not hasattr(model[2], "feedback_weight") and not hasattr(model[2], "feedback_magnitude")
+    assert not any(hasattr(model[2], n) for n in ("feedback_weight", "feedback_magnitude", "feedback_scale"))
     assert fb.converted_layers(model) == {}
 
 

@@ -18,8 +18,8 @@ Design (one forward, no copies, any forward that is linear in W):
    trainable B (urfb, kp), B's gradient delta * x^T (and the Kolen-Pollack decay terms).
 The cost is that of backprop, plus one weight-gradient product per layer for urfb and kp.
 The model keeps its module instances and state_dict keys; B (or its magnitude M) is added to each
-layer as a persistent entry ``feedback_weight`` (buffer, or Parameter for urfb/kp) or
-``feedback_magnitude`` (buffer), and ``remove()`` deletes it again.
+layer as a persistent entry ``feedback_weight`` (buffer, or Parameter for urfb/kp),
+``feedback_magnitude`` (buffer) or ``feedback_scale`` (usf: a 0-dim buffer), and ``remove()`` deletes it again.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def _in_use(module: nn.Module) -> Optional[str]:
     """Why a layer that can be converted cannot be now: it is converted already, or has our attribute."""
     if module in _CONVERTED:
         return "already converted by hebbloss.feedback.convert(); call .remove() on that handle first"
-    clash = [n for n in (modes.FEEDBACK_WEIGHT, modes.FEEDBACK_MAGNITUDE) if hasattr(module, n)]
+    clash = [n for n in (modes.FEEDBACK_WEIGHT, modes.FEEDBACK_MAGNITUDE, modes.FEEDBACK_SCALE) if hasattr(module, n)]
     if clash:
         return f"{type(module).__name__} already has an attribute {clash[0]!r}, which convert() would add"
     return None
@@ -191,7 +191,7 @@ def convert(
     mode: Union[str, modes.Mode],
     targets: Targets = None,
     *,
-    init: modes.Init = "random",
+    init: Optional[modes.Init] = None,
     weight_decay: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Feedback:
@@ -200,9 +200,13 @@ def convert(
     mode: "bp", "fa", "usf", "frsf", "brsf", "urfb" or "kp" (see :mod:`hebbloss.feedback.modes`).
     targets: which layers (see :mod:`hebbloss.selection`); default every layer of a registered family
         (:mod:`hebbloss.layers`: Linear, Conv*d, ConvTranspose*d, LocallyConnected2d, timm's Conv2dSame).
-    init: initial B (fa, urfb, kp) or M (frsf, brsf): "random" (N(0, std W)), "weight" (a copy of
-        W: urfb/kp then reproduce backprop) or a callable(weight) -> tensor.
+    init: initial B (fa, urfb, kp) or M (frsf, brsf): "random" (N(0, std W), the default), "weight"
+        (a copy of W: urfb/kp then reproduce backprop) or a callable(weight) -> tensor; for usf the
+        fixed scale s of B = s * sign(W): "std" (W's standard deviation now, the default), "xavier",
+        "kaiming", a number or a callable(weight) -> number (:func:`hebbloss.feedback.modes.usf_scale`).
     weight_decay: Kolen-Pollack decay on W and B, added to their gradients (kp only; default 1e-3).
+        Keep the optimizer's own weight decay off W and B then (:func:`hebbloss.feedback.param_groups`),
+        or W decays faster than B and W - B no longer shrinks.
     generator: torch.Generator for the random draws (default: torch's global RNG).
     For urfb/kp, B is a new Parameter: build the optimizer after convert() (or add
     ``handle.feedback_parameters()`` to it). Every check runs before the model is changed.
@@ -265,10 +269,11 @@ def carry_over(old: nn.Module, new: nn.Module, entry: Optional[torch.Tensor] = N
         raise ValueError(f"cannot carry the feedback of {type(old).__name__} over: {reason}")
     if state.mode.entry is not None:
         weight = new.weight
-        if entry is None or tuple(entry.shape) != tuple(weight.shape):
+        shape = () if state.mode.entry == modes.FEEDBACK_SCALE else tuple(weight.shape)
+        if entry is None or tuple(entry.shape) != shape:
             got = "none" if entry is None else tuple(entry.shape)
-            raise ValueError(f"mode {state.mode.name!r} needs a {state.mode.entry} of the new layer's weight shape "
-                             f"{tuple(weight.shape)}, got {got}")
+            raise ValueError(f"mode {state.mode.name!r} needs a {state.mode.entry} of shape {shape} "
+                             f"(the new layer's weight shape, or () for a scale), got {got}")
         entry = entry.detach().to(device=weight.device, dtype=weight.dtype).clone()
     owner._move(state, new, entry)
     return True

@@ -182,4 +182,6 @@ def _replicated_entry(conv: nn.Conv2d, lc: LocallyConnected2d) -> Optional[torch
     if state is None or state.mode.entry is None:
         return None
     entry = getattr(conv, state.mode.entry).detach()
+    if entry.dim() == 0:  # usf's fixed scale: one number for the layer
+        return entry.clone()
     return entry.expand(*lc.output_size, *entry.shape).clone()

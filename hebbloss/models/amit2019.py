@@ -1,7 +1,9 @@
 """Amit's CIFAR-10 networks (Amit 2019, "Deep learning with asymmetric connections and Hebbian
 updates", Frontiers in Computational Neuroscience), as his code defines them: github.com/yaliamit/URFB
 at commit 008757f (January 2019), parameter files _pars/simpnet.txt ("simple") and
-_pars/deepernet.txt ("deep"), built by Conv_net_gpu.py ``recreate_network``.
+_pars/deepernet.txt ("deep"), and _pars/deepernet_s.txt at commit 17b91d1 ("deep_s", the network of
+his untied ("sparse") runs: the layers it lists under ``sparse:`` are turned into locally connected
+layers after ``num_epochs``), built by Conv_net_gpu.py ``recreate_network``.
 
 - every conv is 'SAME' padded, stride 1, without bias; every dense layer has no bias; weights start
   Glorot uniform (TensorFlow's ``get_variable`` default, Conv_layers.py);
@@ -60,6 +62,10 @@ class Settings:
 SETTINGS = {
     "simple": Settings("_pars/simpnet.txt", epochs=100, b_nonlin_scale=0.5),
     "deep": Settings("_pars/deepernet.txt", epochs=200, b_nonlin_scale=0.0),
+    # 100 epochs tied; his sparse phase then unties conv0a, conv2, conv2a, conv3, conv3a, re-randomises
+    # them and the dense layers, freezes conv0 and trains 1000 epochs at batch 50 (not reproduced here:
+    # ``untied=True`` unties every convolution from the start)
+    "deep_s": Settings("_pars/deepernet_s.txt@17b91d1", epochs=100, b_nonlin_scale=0.0),
 }
 
 
@@ -148,7 +154,7 @@ class Amit2019Net(nn.Sequential):
 def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[float] = None,
              backward_clip: Optional[float] = None, num_classes: int = 10, in_channels: int = 3,
              input_size: int = 32, dropout: bool = True, seed: Optional[int] = None) -> Amit2019Net:
-    """Amit's "simple" or "deep" CIFAR network (module docstring).
+    """Amit's "simple", "deep" or "deep_s" CIFAR network (module docstring).
 
     untied: convs replaced by :class:`hebbloss.feedback.LocallyConnected2d` (same initial weights at
     every position). nonlin_scale / backward_clip: his ``nonlin_scale`` (0.5) and ``b_nonlin_scale``
@@ -156,7 +162,7 @@ def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[flo
     """
     key = str(net).lower()
     if key not in SETTINGS:
-        raise ValueError(f"amit2019: unknown net {net!r}; choose 'simple' or 'deep'")
+        raise ValueError(f"amit2019: unknown net {net!r}; choose one of {', '.join(repr(k) for k in SETTINGS)}")
     s = SETTINGS[key]
     scale = s.nonlin_scale if nonlin_scale is None else float(nonlin_scale)
     bscale = s.b_nonlin_scale if backward_clip is None else float(backward_clip)
@@ -204,7 +210,7 @@ def _blocks(net, scale, bscale, num_classes, in_channels, size, dropout) -> "Ord
         b["drop1"] = drop(0.8)
         width = 32
         hidden_drop = 0.3
-    else:  # _pars/deepernet.txt
+    elif net == "deep":  # _pars/deepernet.txt
         b["conv0"] = ResidualPair(conv(in_channels, 16, 3), conv(16, 16, 3))
         b["conv1"] = ResidualPair(conv(16, 32, 3), conv(32, 32, 3))
         b["pool1"] = pool(3, 2)
@@ -215,6 +221,17 @@ def _blocks(net, scale, bscale, num_classes, in_channels, size, dropout) -> "Ord
         b["pool3"] = pool(3, 2)
         b["drop2"] = drop(0.8)
         width = 128
+        hidden_drop = None
+    elif net == "deep_s":  # _pars/deepernet_s.txt at commit 17b91d1
+        b["conv0"] = ResidualPair(conv(in_channels, 16, 3), conv(16, 16, 3))
+        b["pool1"] = pool(3, 3)
+        b["drop1"] = drop(0.5)
+        b["conv2"] = ResidualPair(conv(16, 64, 3), conv(64, 64, 3))
+        b["pool2"] = pool(2, 2)
+        b["conv3"] = ResidualPair(conv(64, 64, 2), conv(64, 64, 2))
+        b["pool3"] = pool(2, 2)
+        b["drop3"] = drop(0.5)
+        width = 64
         hidden_drop = None
     b["flatten"] = nn.Flatten()
     b["dense"] = RampLayer(nn.Linear(width * size * size, 500, bias=False), scale, bscale)
