@@ -1,4 +1,5 @@
-"""Write docs/benchmarks.md from the JSON files in benchmarks/results/ (never typed by hand).
+"""Write docs/benchmarks.md from the JSON files in benchmarks/results/ and docs/results.md from
+benchmarks/results/reproduce/ (never typed by hand).
 
     python benchmarks/render_docs.py
 """
@@ -8,6 +9,8 @@ import json
 from pathlib import Path
 
 from hebbloss import atomic
+
+import reproduce.report as reproduce_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -133,6 +136,8 @@ def render() -> str:
 def main():
     atomic.write_text(DOC, render())
     print(f"wrote {DOC}")
+    atomic.write_text(reproduce_report.DOC, reproduce_report.render())
+    print(f"wrote {reproduce_report.DOC}")
 
 
 if __name__ == "__main__":
