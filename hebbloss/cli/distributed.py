@@ -113,7 +113,7 @@ def start() -> Ranks:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if local < gpus:
         torch.cuda.set_device(local)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if local < gpus else "gloo",
+    dist.init_process_group("cpu:gloo,cuda:nccl" if gpus else "gloo",  # alike on every rank of a node
                             init_method=os.environ.get(INIT_ENV) or "env://", rank=rank, world_size=world)
     return Ranks(rank, world, owns_group=True)
 
