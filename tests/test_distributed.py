@@ -5,8 +5,9 @@ process reaches on the whole batch.
   ``hebbloss.distributed.reduce_gradients`` against a float64 reference written out here, on batches of 5
   split 3 / 2 between the ranks;
 - command: ``hebbloss train`` run by two processes as torchrun would start them (RANK, WORLD_SIZE,
-  LOCAL_RANK; the rendezvous through HEBBLOSS_DIST_INIT=file://...), stopped with --max-steps and resumed,
-  against one process on the same settings; the last batch (1 image) leaves rank 1 nothing to do.
+  LOCAL_RANK; the rendezvous through HEBBLOSS_DIST_INIT=file://...), stopped with --max-steps and resumed
+  by ``hebbloss run`` (train, then rank 0 probes), against one process on the same settings; the last
+  batch (1 image) leaves rank 1 nothing to do.
 
 Nothing here can race: the ranks meet through files in the test's tmp_path (``file://``, no TCP port to
 pick), and each worker sends plain numpy copies back through a queue; a worker that fails sends its
@@ -243,7 +244,7 @@ def _cli_worker(rank, root, results):
 
             initial = {k: v.numpy().copy() for k, v in checkpoint.load(here / "res" / "checkpoint.pt")["model"].items()}
         os.environ["HEBBLOSS_DIST_INIT"] = f"file://{root / 'rendezvous-2'}"
-        codes.append(main(["train", "--resume", "res", "--no-progress"]))
+        codes.append(main(["run", "--resume", "res", "--no-progress", "--baselines", "none"]))  # trains, then rank 0 probes
         listing.append(sorted(os.listdir(here)))
         results.put((rank, {"codes": codes, "listing": listing, "final": final["model"], "initial": initial}, None))
     except BaseException:
@@ -264,9 +265,10 @@ def test_torchrun_train_is_one_job_equal_to_one_process(tmp_path, gloo, monkeypa
     assert results[1]["listing"] == [[], []], "rank 1 wrote files"
     assert results[0]["listing"] == [["res"], ["res"]]
     folder = tmp_path / "rank0" / "res"
-    assert {"checkpoint.pt", "config.yaml", "results.json"} <= set(os.listdir(folder))
+    assert {"checkpoint.pt", "config.yaml", "results.json", "accuracy_per_layer.png", "filters.png"} <= set(os.listdir(folder))
     written = json.loads((folder / "results.json").read_text())
     assert written["world_size"] == 2 and written["train"]["completed"] and written["train"]["global_step"] == 3
+    assert written["probe"]["layers"] == ["pool1", "pool2", "pool3"]
     assert json.loads((tmp_path / "one" / "results.json").read_text())["world_size"] == 1
 
     saved = checkpoint.load(folder / "checkpoint.pt")["model"]
