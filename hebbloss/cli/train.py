@@ -132,7 +132,7 @@ class _Run:
         """One training step on the images ``idx`` (forward only during the warm-up); counts it in ``state``.
         Data parallel: this rank trains on its slice of ``idx``; gradients, loss, competition state and
         the stop request are then combined over the ranks."""
-        mine, weight = self.ranks.shard(idx, self.plastic.reduction)
+        mine, weight = self.ranks.shard(idx, self.plastic.reduction) if self.ranks.parallel else (idx, 1.0)
         inputs = None
         if len(mine):
             batch = self.images[mine].to(self.device)
