@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from . import layers, rules
+from . import distributed, layers, rules
 from .competition import POSTS, post_signal
 from ._hooks import HookHandle
 from .selection import Targets, name_matches
@@ -66,6 +66,7 @@ class Plasticity(HookHandle, nn.Module):
         self.records: Dict[str, List[Record]] = {n: [] for n in self.layers}
         self._kinds = {n: (layers.layer_type_of(m), layers.groups_of(m)) for n, m in self.layers.items()}
         self._model_name = type(model).__name__
+        self._model = weakref.ref(model)  # for sync(): competition state may live in the model itself
         self._forward_start: Optional[Dict[str, int]] = None
         self._post_state: List[tuple] = []
         self._hooks.forward_hook(model, self._begin_forward, pre=True)
@@ -187,6 +188,17 @@ class Plasticity(HookHandle, nn.Module):
                 if r.post is None and not torch.isfinite(r.term.correlation):  # y was let go: <y, z> tells
                     return f"layer '{name}' produced NaN or Inf in its post signal (or its product with the output overflowed); {advice}"
         return "the surrogate loss overflowed to Inf; lower the learning rate or normalise the input"
+
+    def sync(self, batch_size: Optional[float] = None) -> None:
+        """Under data parallelism, make the competition state (k-WTA thresholds: every buffer named in a
+        ``synced_buffers`` attribute of a post signal or of a module of the model) equal on all ranks of
+        the default process group: its average over the ranks, weighted by each rank's ``batch_size``
+        (equal weights when None). Called on every rank after each training forward pass, it gives
+        exactly the state one process reaches on the global batch (the threshold update of Miconi 2021
+        is linear in the batch's win rate; see :mod:`hebbloss.distributed`). A collective: every rank
+        must call it. No-op when ``torch.distributed`` is not initialised or has one rank."""
+        model = self._model()
+        distributed.sync_buffers(distributed.synced_buffers(self, *([model] if model is not None else [])), batch_size)
 
     def plastic_parameters(self) -> List[nn.Parameter]:
         """The weights and biases the rules update (pass them to an optimizer)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -16,6 +17,8 @@ import torch
 
 from .. import __version__, checkpoint
 from . import build, config, report
+from . import distributed
+from .. import distributed as hebbloss_distributed
 from .config import ConfigError
 from .preprocess import Preprocess
 from .train import TrainState, progress_to_state, run_training, save_checkpoint
@@ -143,53 +146,87 @@ def _check_probe_layers(model, probe_layers, cfg) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def _read_resume(path: str, flags: Dict[str, Any]):
+    """(folder, checkpoint path, settings, checkpoint state) of the run ``--resume`` continues."""
+    folder, ckpt_path = _resume_folder(path)
+    saved_cfg = config.read_file(folder / CONFIG)
+    config.check_resume_overrides(saved_cfg, flags, folder)
+    cfg = config.merge(saved_cfg, {k: v for k, v in flags.items() if k in config.RESUMABLE})
+    cfg["max_steps"] = flags.get("max_steps")  # a limit of one invocation, never inherited
+    return folder, ckpt_path, cfg, checkpoint.load(ckpt_path)
+
+
 def train(args, then_probe: bool = False) -> int:
-    """``hebbloss train``: Hebbian training with atomic checkpoints; ``--resume`` continues exactly."""
+    """``hebbloss train``: Hebbian training with atomic checkpoints; ``--resume`` continues exactly.
+    Under torchrun, one job over all processes (``hebbloss.cli.distributed``); rank 0 alone writes."""
+    ranks = distributed.start()
+    try:
+        return _train(args, then_probe, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(args, then_probe: bool, ranks: distributed.Ranks) -> int:
     flags = _flags(args)
     state, saved = TrainState(), None
-    if args.resume:
-        folder, ckpt_path = _resume_folder(args.resume)
-        saved_cfg = config.read_file(folder / CONFIG)
-        config.check_resume_overrides(saved_cfg, flags, folder)
-        cfg = config.merge(saved_cfg, {k: v for k, v in flags.items() if k in config.RESUMABLE})
-        cfg["max_steps"] = flags.get("max_steps")  # a limit of one invocation, never inherited
-        saved = checkpoint.load(ckpt_path)
+    if args.resume:  # rank 0 reads the results folder: the other ranks need not see it
+        folder, ckpt_path, cfg, saved = ranks.on_main(lambda: _read_resume(args.resume, flags))
     else:
         cfg = build.resolve_model(config.merge(flags))
-        folder = _new_folder(cfg, args.command)
+        folder = ranks.on_main(lambda: _new_folder(cfg, args.command))  # one name (its timestamp) for all ranks
         ckpt_path = folder / CHECKPOINT
-    ds = _load_data(cfg)
-    built = _build(cfg, ds)
-    generator = torch.Generator().manual_seed(int(cfg.get("seed") or 0))
-    if saved is not None:
-        progress = checkpoint.restore_training_state(saved, built.model, built.plastic, built.optimizer, generator, path=ckpt_path)
-        state = progress_to_state(progress)
-    prepare = _preprocess(cfg, ds, saved, ckpt_path, built.zca)
-    start_epoch = state.epoch
-    epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
-    if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
-        raise ConfigError(f"--max-steps {cfg['max_steps']}: must be a positive number of steps")
+    try:
+        ds = _load_data(cfg)
+        built = _build(cfg, ds)
+        generator = torch.Generator().manual_seed(int(cfg.get("seed") or 0))
+        if saved is not None:
+            progress = checkpoint.restore_training_state(saved, built.model, built.plastic, built.optimizer, generator, path=ckpt_path)
+            state = progress_to_state(progress)
+        prepare = _preprocess(cfg, ds, saved, ckpt_path, built.zca)
+        start_epoch = state.epoch
+        epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
+        if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
+            raise ConfigError(f"--max-steps {cfg['max_steps']}: must be a positive number of steps")
+        distributed.check_device(cfg.get("device"), ranks)
+    except Exception:
+        ranks.agree(False)
+        raise
+    if not ranks.agree(True):
+        raise RuntimeError("another process of this torchrun job failed its checks (its error is in its output); nothing was written")
     # what this run uses, the defaults made explicit (building from it again gives the same run)
     cfg = {**build.explicit_settings(cfg, built), "dataset": cfg.get("dataset") or _default_dataset(), "epochs": epochs}
-    # All checks passed: from here on files are written.
-    folder.mkdir(parents=True, exist_ok=True)
-    config.write(folder / CONFIG, cfg)
     device = cfg.get("device") or "cpu"
-    print(f"hebbloss: training {cfg.get('model') or build.default_model()} on {ds.name} "
-          f"({len(ds.train_labels)} images) for {epochs} epochs -> {folder}")
-    save = lambda s: save_checkpoint(ckpt_path, built.model, built.plastic, built.optimizer, generator, s, cfg, prepare)  # noqa: E731
+    prepare = prepare.to(device)
+    if ranks.parallel:
+        _parallel_batch_norm(built.model, device, ranks, len(ds.train_labels), int(cfg.get("batch_size") or built.batch_size))
+        hebbloss_distributed.broadcast_state(built.model, built.plastic, prepare)  # every rank starts from rank 0's state
+    # All checks passed: from here on files are written.
+    if ranks.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        config.write(folder / CONFIG, cfg)
+        print(f"hebbloss: training {cfg.get('model') or build.default_model()} on {ds.name} "
+              f"({len(ds.train_labels)} images) for {epochs} epochs -> {folder}"
+              + (f" ({ranks.world_size} processes, global batch {cfg.get('batch_size') or built.batch_size})" if ranks.parallel else ""))
+
+    def save(s: TrainState) -> None:
+        if ranks.main:
+            save_checkpoint(ckpt_path, built.model, built.plastic, built.optimizer, generator, s, cfg, prepare)
+
     summary = run_training(
-        built.model, built.plastic, built.optimizer, ds.train_images, prepare.to(device), epochs=epochs,
+        built.model, built.plastic, built.optimizer, ds.train_images, prepare, epochs=epochs,
         batch_size=int(cfg.get("batch_size") or built.batch_size), generator=generator, state=state, save=save,
         checkpoint_every=cfg.get("checkpoint_every"), max_steps=cfg.get("max_steps"), after_step=built.after_step,
         warmup_steps=built.warmup_steps, augment=built.augment,
-        device=device, progress=bool(cfg.get("progress", True)),
+        device=device, progress=bool(cfg.get("progress", True)) and ranks.main, ranks=ranks,
     )
+    ranks.close()  # what follows (report, probe) is rank 0's alone
+    if not ranks.main:
+        return 130 if summary["interrupted"] else 0
     previous = report.read_results(folder).get("train", {})
     summary["losses"] = list(previous.get("losses", []))[:start_epoch] + summary["losses"]  # mean loss per epoch
     report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
                           model={"name": cfg.get("model") or build.default_model(), **built.description},
-                          train={**summary, "epochs": epochs, "checkpoint": CHECKPOINT})
+                          train={**summary, "epochs": epochs, "checkpoint": CHECKPOINT}, world_size=ranks.world_size)
     if not summary["completed"]:
         why = "interrupted" if summary["interrupted"] else f"stopped after --max-steps {cfg.get('max_steps')}"
         print(f"hebbloss: {why} at epoch {state.epoch}, step {state.global_step}; checkpoint {ckpt_path}. "
@@ -208,7 +245,10 @@ def run(args) -> int:
 
 
 def probe(args) -> int:
-    """``hebbloss probe``: linear probes of a trained run (``--run FOLDER``) or of a freshly built model."""
+    """``hebbloss probe``: linear probes of a trained run (``--run FOLDER``) or of a freshly built model.
+    Under torchrun, rank 0 probes and the other processes end at once."""
+    if distributed.probe_rank() != 0:
+        return 0
     flags = _flags(args)
     if args.run_dir:
         folder, ckpt_path = _resume_folder(args.run_dir)
@@ -244,6 +284,27 @@ def probe(args) -> int:
         report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
                               model={"name": cfg.get("model") or build.default_model(), "trained": False})
     return _probe_and_report(cfg, folder, ds, model, probe_layers, first, prepare)
+
+
+def _parallel_batch_norm(model, device: str, ranks: distributed.Ranks, images: int, batch_size: int) -> None:
+    """BatchNorm layers normalise with the global batch's statistics under data parallelism: on CUDA they
+    become torch's SyncBatchNorm (in place; it acts as plain BatchNorm once the process group is left), and
+    every rank must then have samples in every batch; on CPU, where SyncBatchNorm does not run, each rank
+    uses its own slice's statistics and rank 0 says so."""
+    norms = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))]
+    if not norms:
+        return
+    if str(device).startswith("cuda"):
+        smallest = min(batch_size, images % batch_size or batch_size)
+        if smallest < ranks.world_size:
+            raise ConfigError(f"a batch of {smallest} images cannot be shared by {ranks.world_size} processes when the model "
+                              f"has BatchNorm layers ({norms[0]}, ...): choose --batch-size and --limit so that every batch, "
+                              f"the last of an epoch of {images} images too, has at least {ranks.world_size}")
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the model's BatchNorm children in place
+    elif ranks.main:
+        print(f"hebbloss: warning: BatchNorm layers ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}) normalise each "
+              f"process's slice of the batch by its own statistics on CPU (SyncBatchNorm needs CUDA), so this run differs "
+              f"from one process's; use --device cuda for an exact data-parallel run", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- probe + report

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint
+from .distributed import Ranks
 from ..data.augment import check_name, flip_mask, hflip
 
 
@@ -57,19 +58,30 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def train_step(model: nn.Module, plastic, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, learn: bool = True,
-               after_step: Sequence[Callable[[], None]] = ()) -> float:
+def train_step(model: nn.Module, plastic, optimizer: torch.optim.Optimizer, inputs: Optional[torch.Tensor], learn: bool = True,
+               after_step: Sequence[Callable[[], None]] = (),
+               combine: Optional[Callable[[float, bool], float]] = None) -> float:
     """One surrogate-loss step (Miconi 2021): forward ``inputs``, ``plastic.loss()``, then, when ``learn``, the
-    backward pass, the optimizer step and each of ``after_step``; returns the loss value."""
-    model(inputs)
+    backward pass, the optimizer step and each of ``after_step``; returns the loss value.
+
+    Data parallel: ``combine(loss, learn)``, called between the backward pass and the optimizer step, turns
+    this rank's gradients and loss into the global batch's (and returns the global loss); ``inputs`` None
+    means this rank's share of the batch is empty (no forward; its gradients and loss count as zero)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = plastic.loss()
+    value = 0.0
+    if inputs is not None:
+        model(inputs)
+        loss = plastic.loss()
+        if learn:
+            loss.backward()
+        value = loss.item()
+    if combine is not None:
+        value = combine(value, learn)
     if learn:
-        loss.backward()
         optimizer.step()
         for fn in after_step:
             fn()
-    return loss.item()
+    return value
 
 
 @dataclass
@@ -92,6 +104,8 @@ class _Run:
     device: Any
     progress: bool
     augment: Optional[str] = None  # the recipe's training augmentation (hebbloss.data.augment), e.g. "hflip"
+    ranks: Ranks = field(default_factory=Ranks)  # data parallel: this process's share of each batch
+    stop_agreed: bool = False  # data parallel: some rank asked to stop (all ranks stop at the same step)
     losses: List[float] = field(default_factory=list)  # mean loss of each epoch run here (the last one maybe partial)
     done_here: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -113,15 +127,34 @@ class _Run:
         resumed epoch redraws the same ones), or None without augmentation."""
         return None if self.augment is None else flip_mask(self.images.shape[0], self.generator)
 
-    def step(self, state: TrainState, idx: torch.Tensor, flips: Optional[torch.Tensor] = None) -> float:
-        """One training step on the images ``idx`` (forward only during the warm-up); counts it in ``state``."""
-        batch = self.images[idx].to(self.device)
-        if flips is not None:
-            batch = hflip(batch, flips[idx])
-        loss = train_step(self.model, self.plastic, self.optimizer, self.prepare(batch),
-                          learn=state.global_step >= self.warmup_steps, after_step=self.after_step)
+    def step(self, state: TrainState, idx: torch.Tensor, flips: Optional[torch.Tensor] = None,
+             stop: Optional[_StopFlag] = None) -> float:
+        """One training step on the images ``idx`` (forward only during the warm-up); counts it in ``state``.
+        Data parallel: this rank trains on its slice of ``idx``; gradients, loss, competition state and
+        the stop request are then combined over the ranks."""
+        mine, weight = self.ranks.shard(idx, self.plastic.reduction) if self.ranks.parallel else (idx, 1.0)
+        inputs = None
+        if len(mine):
+            batch = self.images[mine].to(self.device)
+            if flips is not None:
+                batch = hflip(batch, flips[mine])
+            inputs = self.prepare(batch)
+        combine = None
+        if self.ranks.parallel:
+            def combine(loss: float, learn: bool) -> float:
+                params = self.plastic.plastic_parameters() if learn else []
+                loss, self.stop_agreed = self.ranks.combine(params, loss, weight, bool(stop and stop.requested))
+                return loss
+        loss = train_step(self.model, self.plastic, self.optimizer, inputs,
+                          learn=state.global_step >= self.warmup_steps, after_step=self.after_step, combine=combine)
+        if self.ranks.parallel:
+            self.plastic.sync(batch_size=len(mine))
         state.step_in_epoch, state.global_step, self.done_here = state.step_in_epoch + 1, state.global_step + 1, self.done_here + 1
         return loss
+
+    def stopping(self, stop: _StopFlag) -> bool:
+        """Whether to stop at this step boundary: Ctrl-C here, or (data parallel) on any rank at the last step."""
+        return self.stop_agreed if self.ranks.parallel else stop.requested
 
     def out_of_steps(self) -> bool:
         """Whether this call has done its ``max_steps``."""
@@ -141,11 +174,11 @@ class _Run:
                    disable=not self.progress, leave=False, unit="batch", mininterval=1.0)
         with bar:
             for step in bar:
-                total, count = total + self.step(state, order[step * self.batch_size:(step + 1) * self.batch_size], flips), count + 1
+                total, count = total + self.step(state, order[step * self.batch_size:(step + 1) * self.batch_size], flips, stop), count + 1
                 bar.set_postfix(loss=f"{total / count:.4g}")
                 if state.step_in_epoch == self.steps_per_epoch:
                     break  # the end-of-epoch checkpoint below covers this step
-                if stop.requested or self.out_of_steps():
+                if self.stopping(stop) or self.out_of_steps():
                     self.save(state)
                     self.losses.append(total / count)
                     return True
@@ -187,24 +220,27 @@ def run_training(
     device="cpu",
     progress: bool = True,
     augment: Optional[str] = None,
+    ranks: Optional[Ranks] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` through the ``plastic`` handle for ``epochs`` epochs from ``state`` on uint8
     ``images`` turned into inputs by ``prepare``; ``save(state)``
     is called every ``checkpoint_every`` steps, at the end of every epoch and when stopping early.
     The first ``warmup_steps`` steps overall run the forward pass only (k-WTA thresholds adapt; no
     weight update), as Miconi 2021's code does for 200 batches. ``augment`` ("hflip" or None) mirrors
-    a random half of the images each epoch, as Miconi 2021's Hebbian training does.
+    a random half of the images each epoch, as Miconi 2021's Hebbian training does. ``ranks``: this
+    process's place in a data-parallel job (``hebbloss.cli.distributed``); ``batch_size`` is then the
+    global batch, and every rank ends each step with the state one process would have.
 
     Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
     "seconds"}.
     """
     run = _Run(model, plastic, optimizer, images, prepare, epochs, batch_size, generator, save, checkpoint_every, max_steps,
-               after_step, warmup_steps, device, progress, check_name(augment))
+               after_step, warmup_steps, device, progress, check_name(augment), ranks or Ranks())
     model.train()
     with _StopFlag() as stop:
         while state.epoch < epochs:
-            if run.epoch(state, stop) or stop.requested or (state.epoch < epochs and run.out_of_steps()):
-                return run.summary(False, state, stopped=stop.requested)
+            if run.epoch(state, stop) or run.stopping(stop) or (state.epoch < epochs and run.out_of_steps()):
+                return run.summary(False, state, stopped=run.stopping(stop))
     return run.summary(True, state)
 
 

@@ -42,8 +42,11 @@ class KWTA(nn.Module):
         the layer's number of units, or the first call creates them.
     channel_dim: axis of the channels in the layer output (1 for conv, -1 for Linear, 0 for
         unbatched conv outputs).
-    The thresholds are the buffer ``theta`` (saved in ``state_dict``).
+    The thresholds are the buffer ``theta`` (saved in ``state_dict``; averaged over the ranks by
+    ``Plasticity.sync`` under data parallelism, as named in ``synced_buffers``).
     """
+
+    synced_buffers = ("theta",)  # competition state that hebbloss.distributed keeps equal on every rank
 
     def __init__(self, k: int = 1, binary: bool = False, homeostasis: float = 0.0,
                  num_channels: Optional[int] = None, channel_dim: int = 1):

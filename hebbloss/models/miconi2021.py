@@ -39,8 +39,11 @@ class HomeostaticTriangle(nn.Module):
         fraction of (sample, position) pairs where channel c is among the k winners of z - theta.
     winners(z): that binarised k-WTA of z - theta, the post signal of the instar rule. ``attach``
         calls it in the conv's forward hook, before forward, so both see the same theta, as in the
-        paper's code. The thresholds are the buffer ``theta``, saved in the model's ``state_dict``.
+        paper's code. The thresholds are the buffer ``theta``, saved in the model's ``state_dict``
+        (and averaged over the ranks by ``Plasticity.sync`` under data parallelism: ``synced_buffers``).
     """
+
+    synced_buffers = ("theta",)  # competition state that hebbloss.distributed keeps equal on every rank
 
     def __init__(self, num_channels: int, k: int = 1, homeostasis: float = HOMEOSTASIS, triangle: bool = True):
         super().__init__()
