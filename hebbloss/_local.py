@@ -89,11 +89,12 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
 
 
 def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Tensor, post: torch.Tensor,
-                    learning: Sequence[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Dict[int, torch.Tensor]:
+                    learning: Sequence[torch.Tensor], chunk_bytes: Optional[int] = None) -> Dict[int, torch.Tensor]:
     """{id(param): sum y x for the weight, sum y for the bias} of the ``learning`` ones among ``weight``
     and ``bias``, for a call on input ``x`` whose post signal is ``post``: the layer's weight-gradient
     product (``adjoint.weight_grad``) summed over batch chunks of at most ``chunk_bytes`` of ``post``
-    (one sample at least; an unbatched call is one chunk)."""
+    (default :data:`CHUNK_BYTES`; one sample at least; an unbatched call is one chunk)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     batched = post.dim() > kind.spatial_dims + 1  # a leading batch dimension, shared with x
     per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
     step = post.shape[0] if not per_sample else max(1, chunk_bytes // per_sample)

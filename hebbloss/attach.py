@@ -302,11 +302,17 @@ def attach(
         skips input gradients. False keeps the model's graph whole for mixing with backprop; each
         surrogate is then computed on a re-run of its layer on the detached input (one extra forward).
     streaming: False (default) keeps each layer's graph or post signal until :meth:`Plasticity.loss`.
-        True takes each layer's update in its forward hook and lets its output, post signal and graph
-        go at once, so activations are freed layer by layer (peak memory near inference's); ``loss()``
-        has the same value and gradients. For purely local training: with ``detach_input=True`` each
-        plastic layer's output is passed on detached, so no task loss reaches or crosses a plastic
-        layer (with ``detach_input=False`` the model's own graph is kept as usual).
+        True takes each layer's update (sum y x, by the family's weight-gradient product over batch
+        chunks of a few MiB of y) in its forward hook and lets its output, post signal and graph go
+        at once, so activations are freed layer by layer; ``loss()`` has the same value and gradients
+        (up to float rounding). For purely local training: with ``detach_input=True`` the forward of
+        the model records no graph outside the plastic layers (it runs as under ``torch.no_grad()``
+        there, BatchNorm statistics still move) and each plastic layer's output is passed on
+        detached, so peak memory is near inference's, and no task loss trains anything (the output
+        has no graph; non-plastic parameters get no gradient). With ``detach_input=False`` the
+        model's own graph is kept as usual, for mixing with backprop. Streaming is opt-in, not
+        automatic: it changes what the forward leaves (no graph for a task loss on a head, no ``z``
+        or ``y`` in :attr:`Plasticity.records`), which code written for the default may rely on.
     Every check runs before any hook is placed; :func:`hebbloss.validate` lists the layers first.
     """
     chosen = list(validate(model, targets, rule, strict=True).modules.items())
