@@ -15,7 +15,13 @@ own backward gives with y as the output gradient: the framework's weight-gradien
 - elsewhere, in the node's backward, for all such layers in a single ``torch.autograd.grad`` call.
 
 With ``streaming=True`` every layer takes the first way, and its graph is not retained: nothing but
-the weight-sized result and the decay coefficients outlive the forward hook.
+the weight-sized result and the decay coefficients outlive the forward hook. Where the layer's family
+declares its backward halves (:meth:`hebbloss.layers.LayerType.adjoint`: every convolution and linear
+layer), the streamed sum y x is taken with that weight-gradient product directly, over the batch in
+chunks of at most ``CHUNK_BYTES`` of y: the kernel's workspace (a reordered copy of y and of the
+input, about the size of y for the whole batch) then stays a few MiB, and the layer's graph is not
+needed (nor, with ``detach_input=False``, the re-run of the layer). Summed in chunks, the result is
+the whole batch's up to float rounding.
 
 The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
 adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
@@ -29,7 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .layers import LayerType
+from .layers import Adjoint, LayerType
 from .rules import Rule
 from .surrogate import decay_coefficients, mean_scale, surrogate_sums
 
@@ -52,11 +58,16 @@ class LocalTerm:
     # layer's own backward, taken in the hook (an in-place op after the layer moves z's grad_fn)
 
 
+CHUNK_BYTES = 4 * 2 ** 20  # y per weight-gradient call when streaming (at least one sample)
+
+
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
-               rule: Rule, reduction: str, streaming: bool = False) -> LocalTerm:
+               rule: Rule, reduction: str, streaming: bool = False, adjoint: Optional[Adjoint] = None,
+               x: Optional[torch.Tensor] = None) -> LocalTerm:
     """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``.
     ``streaming``: take the Hebbian half at once whatever the sizes and free ``output``'s graph (the
-    caller guarantees nothing else backpropagates through it)."""
+    caller guarantees nothing else backpropagates through it); with the layer family's ``adjoint``
+    for this call and its input ``x``, take it in batch chunks by that adjoint, without the graph."""
     post, detached = (post.detach() if post.requires_grad else post), output.detach()
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
@@ -66,12 +77,42 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
     if not learning or not output.requires_grad:
         return term  # a frozen layer: its term has a value and no gradient
+    if streaming and adjoint is not None and x is not None:
+        term.hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
+        return term
     if streaming or post.numel() > weight.numel():
         found = torch.autograd.grad([output], learning, [post], retain_graph=not streaming)
         term.hebbian = {id(p): g for p, g in zip(learning, found)}
     else:
         term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
     return term
+
+
+def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Tensor, post: torch.Tensor,
+                    learning: Sequence[torch.Tensor], chunk_bytes: Optional[int] = None) -> Dict[int, torch.Tensor]:
+    """{id(param): sum y x for the weight, sum y for the bias} of the ``learning`` ones among ``weight``
+    and ``bias``, for a call on input ``x`` whose post signal is ``post``: the layer's weight-gradient
+    product (``adjoint.weight_grad``) summed over batch chunks of at most ``chunk_bytes`` of ``post``
+    (default :data:`CHUNK_BYTES`; one sample at least; an unbatched call is one chunk)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    batched = post.dim() > kind.spatial_dims + 1  # a leading batch dimension, shared with x
+    per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
+    step = post.shape[0] if not per_sample else max(1, chunk_bytes // per_sample)
+    out: Dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        if any(p is weight for p in learning):
+            if not batched or step >= post.shape[0]:
+                grad = adjoint.weight_grad(post, x, weight)
+            else:
+                grad = None
+                for y_c, x_c in zip(post.split(step), x.split(step)):
+                    g = adjoint.weight_grad(y_c, x_c, weight)
+                    grad = g if grad is None else grad.add_(g)
+            out[id(weight)] = grad
+        if bias is not None and any(p is bias for p in learning):
+            channel = kind.channel_dim(post) % post.dim()
+            out[id(bias)] = post.sum(dim=[d for d in range(post.dim()) if d != channel]).to(bias.dtype)
+    return out
 
 
 def local_loss(terms: Sequence[LocalTerm], outputs: Sequence[torch.Tensor]) -> torch.Tensor:

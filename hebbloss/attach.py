@@ -69,21 +69,32 @@ class Plasticity(HookHandle, nn.Module):
         self._model = weakref.ref(model)  # for sync(): competition state may live in the model itself
         self._forward_start: Optional[Dict[str, int]] = None
         self._post_state: List[tuple] = []
+        # streaming and purely local: the model's graph is recorded inside the plastic layers only
+        self._local_graph = streaming and detach_input
+        self._model_modes: List[tuple] = []  # (grad mode before model(x), depth of _layer_modes then)
+        self._layer_modes: List[bool] = []   # grad mode before each plastic layer call now running
         self._hooks.forward_hook(model, self._begin_forward, pre=True)
         for name, module in self.layers.items():
             if detach_input:
                 self._hooks.forward_hook(module, _detach_inputs, pre=True)
+            if self._local_graph:  # first, so that a layer's own pre-hooks (pruning's W * mask) record too
+                self._hooks.forward_hook(module, self._resume_graph, pre=True, prepend=True)
             self._hooks.forward_hook(module, self._make_hook(name))
             _PLASTIC_LAYERS[module] = self
+        if self._local_graph:  # before everything, also on a model that is itself the plastic layer
+            self._hooks.forward_hook(model, self._suspend_graph, pre=True, prepend=True)
         # after the layers' hooks, so that on a model that is itself the plastic layer they run last
         self._hooks.forward_hook(model, self._end_forward)
         self._hooks.forward_hook(model, self._undo_failed_forward, always_call=True)
+        if self._local_graph:
+            self._hooks.forward_hook(model, self._restore_graph, always_call=True)
 
     def _begin_forward(self, model, args):
         """Remember the record counts and the post signals' state (k-WTA thresholds), so that a
         forward pass that fails part-way leaves neither records nor moved thresholds behind."""
         self._forward_start = {n: len(r) for n, r in self.records.items()}
-        self._post_state = [(b, b.clone()) for b in self.posts.buffers()] if torch.is_grad_enabled() else []
+        recording = self._model_modes[-1][0] if self._model_modes else torch.is_grad_enabled()  # the caller's mode
+        self._post_state = [(b, b.clone()) for b in self.posts.buffers()] if recording else []
 
     def _end_forward(self, model, args, output):
         self._forward_start, self._post_state = None, []
@@ -99,12 +110,33 @@ class Plasticity(HookHandle, nn.Module):
                 buffer.copy_(saved)
         self._forward_start, self._post_state = None, []
 
+    def _suspend_graph(self, model, args):
+        """Streaming, purely local: ``model(x)`` records no graph outside the plastic layers (what lies
+        between them would only hold activations alive: no gradient of the rules passes through it)."""
+        self._model_modes.append((torch.is_grad_enabled(), len(self._layer_modes)))
+        torch.set_grad_enabled(False)
+
+    def _resume_graph(self, module, args):
+        """A plastic layer inside such a forward records its own graph (its weight's) again."""
+        self._layer_modes.append(torch.is_grad_enabled())
+        if self._model_modes and self._model_modes[-1][0]:
+            torch.set_grad_enabled(True)
+
+    def _restore_graph(self, model, args, output):
+        """The grad mode of before ``model(x)``; runs also when the forward raised (always_call)."""
+        if self._model_modes:
+            mode, depth = self._model_modes.pop()
+            del self._layer_modes[depth:]
+            torch.set_grad_enabled(mode)
+
     def _make_hook(self, name: str):
         def hook(module, args, output):
             if torch.is_grad_enabled():
                 self.records[name].append(self._record(name, module, args, output))
-                if self.streaming and self.detach_input:  # nothing downstream keeps a graph back into the layer
-                    return output.detach()
+            if self._local_graph:
+                if self._layer_modes:  # back to the model's suspended recording
+                    torch.set_grad_enabled(self._layer_modes.pop())
+                return output.detach()  # nothing downstream keeps a graph back into the layer
         return hook
 
     def _record(self, name, module, args, output) -> Record:
@@ -125,12 +157,16 @@ class Plasticity(HookHandle, nn.Module):
                 f"the post signal of layer '{name}' has shape {shape}, but the layer's output has shape "
                 f"{tuple(output.shape)}; post must map the output to a tensor of the same shape"
             )
-        local = output  # its graph reaches only the layer's weight and bias (its input is detached)
-        if not self.detach_input:  # the model's graph stays whole: re-run the layer on a detached input
-            local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         kind, groups = self._kinds[name]
+        adjoint = x = None
+        if self.streaming and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            x = args[0].detach()  # the family's weight-gradient product, in batch chunks, needs no graph
+            adjoint = kind.adjoint(module, x, output)
+        local = output  # its graph reaches only the layer's weight and bias (its input is detached)
+        if not self.detach_input and adjoint is None:  # the model's graph stays whole: re-run the layer on a detached input
+            local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction,
-                          streaming=self.streaming)
+                          streaming=self.streaming, adjoint=adjoint, x=x)
         if self.streaming:  # the update is taken: z, y and the layer's graph go now
             return Record(None, term, None)
         if term.post is not None and post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
@@ -278,11 +314,17 @@ def attach(
         skips input gradients. False keeps the model's graph whole for mixing with backprop; each
         surrogate is then computed on a re-run of its layer on the detached input (one extra forward).
     streaming: False (default) keeps each layer's graph or post signal until :meth:`Plasticity.loss`.
-        True takes each layer's update in its forward hook and lets its output, post signal and graph
-        go at once, so activations are freed layer by layer (peak memory near inference's); ``loss()``
-        has the same value and gradients. For purely local training: with ``detach_input=True`` each
-        plastic layer's output is passed on detached, so no task loss reaches or crosses a plastic
-        layer (with ``detach_input=False`` the model's own graph is kept as usual).
+        True takes each layer's update (sum y x, by the family's weight-gradient product over batch
+        chunks of a few MiB of y) in its forward hook and lets its output, post signal and graph go
+        at once, so activations are freed layer by layer; ``loss()`` has the same value and gradients
+        (up to float rounding). For purely local training: with ``detach_input=True`` the forward of
+        the model records no graph outside the plastic layers (it runs as under ``torch.no_grad()``
+        there, BatchNorm statistics still move) and each plastic layer's output is passed on
+        detached, so peak memory is near inference's, and no task loss trains anything (the output
+        has no graph; non-plastic parameters get no gradient). With ``detach_input=False`` the
+        model's own graph is kept as usual, for mixing with backprop. Streaming is opt-in, not
+        automatic: it changes what the forward leaves (no graph for a task loss on a head, no ``z``
+        or ``y`` in :attr:`Plasticity.records`), which code written for the default may rely on.
     Every check runs before any hook is placed; :func:`hebbloss.validate` lists the layers first.
     """
     chosen = list(validate(model, targets, rule, strict=True).modules.items())

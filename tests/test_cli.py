@@ -110,6 +110,43 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, stop_after):
     assert len(resumed["losses"]) == 2
 
 
+@pytest.mark.parametrize("extra", [
+    [],  # the reference network with its recipe (SGD)
+    ["--model", "timm:resnet10t", "--layers", "conv1.[036]", "layer1.*conv*", "--post", "kwta:2:0.5", "--optimizer", "sgd"],
+], ids=["miconi2021", "timm"])
+def test_streaming_flag_trains_the_same_weights_and_may_change_on_resume(tmp_path, monkeypatch, extra):
+    """--streaming reaches attach (each loss() comes from a streaming handle), gives the weights and
+    k-WTA thresholds of the normal run up to float32 rounding, is saved in config.yaml, and may be
+    switched off when resuming."""
+    from hebbloss.attach import Plasticity
+
+    modes, real_loss = [], Plasticity.loss
+    monkeypatch.setattr(Plasticity, "loss", lambda self: modes.append(self.streaming) or real_loss(self))
+    base = TINY if not extra else ["--dataset", "tiny", "--no-progress"]
+    args = [*base, "--epochs", "2", "--batch-size", "16", *extra]
+    assert main(["train", *args, "--out", str(tmp_path / "normal")]) == 0
+    assert set(modes) == {False}
+    modes.clear()
+    assert main(["train", *args, "--streaming", "--out", str(tmp_path / "streaming")]) == 0
+    assert set(modes) == {True} and len(modes) == 6
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "streaming" / "config.yaml").read_text())["streaming"] is True
+    assert yaml.safe_load((tmp_path / "normal" / "config.yaml").read_text())["streaming"] is False
+    part = tmp_path / "part"
+    assert main(["train", *args, "--streaming", "--max-steps", "2", "--out", str(part)]) == 0
+    modes.clear()
+    assert main(["train", "--resume", str(part), "--no-streaming", "--no-progress"]) == 0
+    assert set(modes) == {False} and len(modes) == 4
+    normal = checkpoint.load(tmp_path / "normal" / "checkpoint.pt")
+    for run in ("streaming", "part"):
+        other = checkpoint.load(tmp_path / run / "checkpoint.pt")
+        for part_of in ("model", "plastic"):
+            assert normal[part_of].keys() == other[part_of].keys()
+            for k, v in normal[part_of].items():
+                torch.testing.assert_close(other[part_of][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{run} {k}: {m}")
+
+
 def test_ctrl_c_stops_with_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     # interrupted in step 4 of a 5-step warm-up: the resumed run must still know where the warm-up ends
     args = [*TINY, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "100", "--warmup-steps", "5"]

@@ -1,6 +1,8 @@
 """attach(..., streaming=True): each layer's update is taken in its forward hook and its output, post
 signal and graph are let go; the gradients are still the rule's update (Miconi 2021), checked in
-float64 against tests/reference.py on every layer kind, and the records keep no activation."""
+float64 against tests/reference.py on every layer kind, with the weight-gradient product taken over
+the whole batch and one sample at a time; the records keep no activation, and the model's forward
+records no graph between the plastic layers."""
 import weakref
 
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import hebbloss
+import hebbloss._local
 from reference import D, rule_update, tf_same_pad
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -52,10 +55,18 @@ def _grads_of_reference(layer, x, z, post, rule, reduction):
     return [weight] + ([] if db is None else [-db / n])
 
 
+@pytest.fixture(params=["whole_batch", "one_sample_chunks"])
+def chunks(request, monkeypatch):
+    """The streamed sum y x over the whole batch at once (these layers are small), or one sample at a time."""
+    if request.param == "one_sample_chunks":
+        monkeypatch.setattr(hebbloss._local, "CHUNK_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("rule", ["hebb", "oja", "softhebb"])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_streaming_gives_the_rule_update_on_every_layer_kind(kind, rule, reduction):
+def test_streaming_gives_the_rule_update_on_every_layer_kind(kind, rule, reduction, chunks):
     make, shape = LAYERS[kind]
     torch.manual_seed(0)
     layer = make().to(D)
@@ -95,7 +106,7 @@ class Net(nn.Module):
 
 @pytest.mark.parametrize("detach_input", [True, False])
 @pytest.mark.parametrize("rule", ["hebb", "oja", "softhebb"])
-def test_streaming_and_normal_mode_give_the_same_loss_and_gradients_in_a_model(rule, detach_input):
+def test_streaming_and_normal_mode_give_the_same_loss_and_gradients_in_a_model(rule, detach_input, chunks):
     """Each layer's gradient is the reference update of the input and output it saw (this test's own
     hooks), in both modes; the loss values agree."""
     torch.manual_seed(1)
@@ -167,3 +178,131 @@ def test_a_layer_called_twice_in_streaming_mode_gets_the_sum_of_both_updates():
         expected = upd if expected is None else [a + b for a, b in zip(expected, upd)]
     torch.testing.assert_close(lin.weight.grad, -expected[0], **TOL)
     torch.testing.assert_close(lin.bias.grad, -expected[1], **TOL)
+
+
+class _Counting:
+    """Wraps a layer family's adjoint and counts its weight-gradient calls."""
+
+    def __init__(self, adjoint):
+        self.adjoint, self.calls = adjoint, 0
+
+    def weight_grad(self, delta, x, feedback):
+        self.calls += 1
+        return self.adjoint.weight_grad(delta, x, feedback)
+
+
+@pytest.mark.parametrize("make, shape, calls", [
+    (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="circular"), (5, 2, 9, 8), 3),  # 2 + 2 + 1 samples
+    (lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, groups=2), (5, 2, 4, 3), 3),
+    (lambda: nn.Linear(4, 3), (5, 6, 4), 3),  # leading dimensions: chunks of samples of 6 tokens
+])
+def test_chunked_hebbian_sums_the_rule_update_over_batch_chunks(make, shape, calls):
+    torch.manual_seed(2)
+    layer = make().to(D)
+    x = torch.randn(*shape, dtype=D)
+    with torch.no_grad():
+        z = layer(x)
+    y = torch.tanh(z)
+    kind = hebbloss.layers.layer_type_of(layer)
+    counting = _Counting(kind.adjoint(layer, x, z))
+    per_sample = y[0].numel() * y.element_size()
+    got = hebbloss._local.chunked_hebbian(layer.weight, layer.bias, kind, counting, x, y,
+                                          [layer.weight, layer.bias], chunk_bytes=2 * per_sample)
+    assert counting.calls == calls
+    dW, db = rule_update(layer, x, y, z, "hebb")  # Hebb: sum y x and sum y, nothing else
+    torch.testing.assert_close(got[id(layer.weight)], dW, **TOL)
+    torch.testing.assert_close(got[id(layer.bias)], db, **TOL)
+
+
+class _Skip(nn.Module):
+    """A plastic conv, a trainable BatchNorm whose output is both the next plastic conv's input and a
+    skip added to its output (as in a ResNet block), and a non-plastic head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.bn(self.conv1(x))
+        return self.head(self.conv2(h) + h)
+
+
+def test_streaming_records_no_graph_between_the_plastic_layers():
+    """The model's graph outside the plastic layers would hold their outputs alive (the BatchNorm saves
+    its input, conv1's output, and the skip keeps it reachable); streaming records none, so conv1's
+    output goes in the forward and the model's output has no graph. BatchNorm's running statistics
+    move as in the normal mode, and the grad mode is the caller's again after the forward."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 6, 6)
+    result = {}
+    for streaming in (False, True):
+        torch.manual_seed(4)
+        model = _Skip()
+        refs = []
+        model.conv1.register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o)) and None)
+        plastic = hebbloss.attach(model, rule="oja", post="relu", targets=["conv1", "conv2"], streaming=streaming)
+        out = model(x)
+        assert torch.is_grad_enabled()
+        result[streaming] = (refs[0]() is not None, out.requires_grad, model.bn.running_mean.clone(),
+                             model.bn.running_var.clone())
+        plastic.loss().backward()
+        assert model.bn.weight.grad is None and model.head.weight.grad is None  # only the rules' gradients
+        plastic.remove()
+    assert result[False][:2] == (True, True)
+    assert result[True][:2] == (False, False)
+    torch.testing.assert_close(result[True][2], result[False][2], rtol=0, atol=0)
+    torch.testing.assert_close(result[True][3], result[False][3], rtol=0, atol=0)
+
+
+def test_streaming_under_no_grad_records_nothing_and_leaves_grad_off():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    plastic = hebbloss.attach(model, rule="oja", streaming=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3))
+        assert not torch.is_grad_enabled()
+    assert all(not r for r in plastic.records.values())
+    model(torch.randn(2, 3))
+    assert all(len(r) == 1 for r in plastic.records.values())
+    plastic.remove()
+
+
+class _FailsAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1)
+        self.fail = False
+
+    def forward(self, x):
+        z = self.b(torch.relu(self.a(x)))
+        if self.fail:
+            raise RuntimeError("the model failed after its plastic layers")
+        return z
+
+
+def test_a_streaming_forward_that_fails_restores_grad_mode_records_and_thresholds():
+    model = _FailsAfter()
+    plastic = hebbloss.attach(model, rule="oja", post=hebbloss.KWTA(k=1, homeostasis=0.5), streaming=True)
+    x = torch.randn(3, 2, 5, 5)
+    model(x)
+    before = {k: v.clone() for k, v in plastic.state_dict().items()}
+    assert any(v.abs().sum() > 0 for v in before.values()), "homeostasis must have moved the thresholds"
+    model.fail = True
+    with pytest.raises(RuntimeError, match="failed after its plastic layers"):
+        model(x)
+    assert torch.is_grad_enabled()
+    assert all(len(r) == 1 for r in plastic.records.values())
+    for k, v in plastic.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} moved in the failed forward"
+    model.fail = False
+    model(x)
+    assert all(len(r) == 2 for r in plastic.records.values())
+    plastic.remove()
+
+
+def test_a_plastic_layer_called_on_its_own_in_streaming_mode_keeps_the_callers_grad_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    plastic = hebbloss.attach(model, rule="hebb", streaming=True)
+    out = model[0](torch.randn(2, 3))
+    assert torch.is_grad_enabled() and not out.requires_grad and len(plastic.records["0"]) == 1
+    plastic.remove()

@@ -68,6 +68,15 @@ def test_streaming_gives_every_plastic_layer_the_rule_update_of_what_it_saw(mode
     _check_every_plastic_layer(model_name, rule, post_name, reduction=reduction, streaming=True)
 
 
+@pytest.mark.parametrize("model_name, rule", [("resnet18", "oja"), ("convnext_atto", "softhebb"),
+                                              ("tf_mobilenetv3_small_minimal_100", "hebb")])
+def test_streaming_one_sample_at_a_time_gives_the_same_updates(model_name, rule, monkeypatch):
+    """The streamed sum y x taken per sample (hebbloss._local.CHUNK_BYTES below one sample) and summed."""
+    import hebbloss._local
+    monkeypatch.setattr(hebbloss._local, "CHUNK_BYTES", 1)
+    _check_every_plastic_layer(model_name, rule, "relu_tanh", streaming=True)
+
+
 def _check_every_plastic_layer(model_name, rule, post_name, reduction="sum", streaming=False):
     kwargs, size = MODELS[model_name]
     model = timm.create_model(model_name, pretrained=False, num_classes=4, **kwargs).to(D).train()

@@ -181,7 +181,7 @@ def build_generic(cfg: Mapping[str, Any], model: nn.Module, probe_default: List[
     if cfg.get("prune"):
         _prune(chosen, float(cfg["prune"]), int(cfg.get("seed") or 0))
     plastic = attach(model, rule=get("rule"), post=post, targets=[_exact(n) for n, _ in chosen],
-                                overrides=overrides or None, reduction="mean")
+                     overrides=overrides or None, reduction="mean", streaming=bool(cfg.get("streaming")))
     try:
         optimizer = make_optimizer(get("optimizer"), optim.param_groups(plastic, rates), float(get("lr")))
     except Exception:
@@ -301,7 +301,7 @@ def build_reference(cfg: Mapping[str, Any], model: nn.Module, recipe, probe_defa
         elif posts[name] is not None:
             lay.post = parse_post(posts[name], channel_dim=layer_types.layer_type_of(model.get_submodule(name)).post_channel_dim)
         lay.lr = rates[name]
-    plastic = recipe.attach(model)
+    plastic = recipe.attach(model, streaming=bool(cfg.get("streaming")))
     try:
         optimizer = recipe.optimizer(plastic)
     except Exception:

@@ -29,6 +29,7 @@ DEFAULTS: Dict[str, Any] = {
     "lr": None,               # None: the recipe's, or 1e-3
     "layer_lr": {},           # {pattern: lr} per-layer learning rates (later patterns win)
     "optimizer": None,        # sgd | adam; None: the recipe's, or adam
+    "streaming": False,       # attach(streaming=True): updates taken in the forward, activations freed layer by layer
     "prune": None,            # fraction of connections removed (fixed random masks) in plastic layers after the first
     "epochs": None,           # None: the recipe's, or 1
     "warmup_steps": None,     # steps with no weight update at the start; None: the recipe's, or 0
@@ -51,9 +52,10 @@ DEFAULTS: Dict[str, Any] = {
     "progress": True,
 }
 
-# Keys a resumed run may change: they do not alter what has been trained so far.
+# Keys a resumed run may change: they do not alter what has been trained so far (streaming changes
+# only when the same updates are computed).
 RESUMABLE = {"epochs", "max_steps", "checkpoint_every", "device", "progress", "probe_layers", "method", "pool",
-             "readout_epochs", "feature_memory", "baselines", "data_dir", "cache_dir", "download"}
+             "readout_epochs", "feature_memory", "baselines", "data_dir", "cache_dir", "download", "streaming"}
 
 
 class ConfigError(ValueError):

@@ -75,6 +75,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-lr", dest="layer_lr", type=_layer_lr, action="append", default=S, metavar="PATTERN=LR",
                    help="learning rate of the layers matching PATTERN (repeatable; later ones win)")
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=S, help="stock torch optimizer")
+    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=S,
+                   help="take each plastic layer's update during the forward pass and free its activations at once "
+                        "(hebbloss.attach(streaming=True)): the same updates, peak memory near inference's (default off)")
     g.add_argument("--prune", type=float, default=S, help="fraction of connections removed at random in plastic layers after the first")
     g.add_argument("--epochs", type=int, default=S, help="epochs of Hebbian training")
     g.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S,

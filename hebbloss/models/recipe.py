@@ -77,11 +77,13 @@ class Recipe:
         except ValueError as e:
             raise ValueError(f"recipe {self.name}: {e}") from None
 
-    def attach(self, model: nn.Module) -> Plasticity:
-        """``hebbloss.attach`` on the recipe's layers with their rules and post signals."""
+    def attach(self, model: nn.Module, streaming: bool = False) -> Plasticity:
+        """``hebbloss.attach`` on the recipe's layers with their rules and post signals (``streaming``:
+        as in ``attach``, the same updates taken during the forward)."""
         first = next(iter(self.layers.values()))
         overrides = {name: {"rule": lay.rule, "post": lay.post} for name, lay in self.layers.items()}
-        return attach(model, rule=first.rule, targets=list(self.layers), overrides=overrides, reduction=self.reduction)
+        return attach(model, rule=first.rule, targets=list(self.layers), overrides=overrides, reduction=self.reduction,
+                      streaming=streaming)
 
     def optimizer(self, plastic: Plasticity) -> torch.optim.SGD:
         """Plain SGD with one param group per layer at its learning rate, plus the recipe's step
