@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "reproduce"))
 
-import harness  # noqa: E402
+import ledger  # noqa: E402
 import reproduce.report as report  # noqa: E402
 
 KEYS = {"experiment", "paper", "data", "hardware", "command", "config", "rows"}
@@ -24,11 +24,11 @@ def _row(variant, layer, acc, seed=0, model="softhebb", dataset="cifar10"):
 
 
 def test_experiment_records_replaces_and_skips(tmp_path):
-    exp = harness.Experiment("x", {"paper": "p", "data": "d", "hardware": {}, "command": "c", "config": {}}, folder=tmp_path)
+    exp = ledger.Experiment("x", {"paper": "p", "data": "d", "hardware": {}, "command": "c", "config": {}}, folder=tmp_path)
     assert not exp.has(variant="depth3", seed=0)
     exp.record([_row("depth3", 3, 70.0)])
     exp.record([_row("depth3", 3, 71.0), _row("depth3", 3, 72.0, seed=1)])
-    again = harness.Experiment("x", {"paper": "p", "data": "d", "hardware": {}, "command": "c", "config": {}}, folder=tmp_path)
+    again = ledger.Experiment("x", {"paper": "p", "data": "d", "hardware": {}, "command": "c", "config": {}}, folder=tmp_path)
     assert again.has(variant="depth3", layer=3, seed=0) and again.has(seed=1) and not again.has(seed=2)
     saved = json.loads((tmp_path / "x.json").read_text())
     assert set(saved) >= KEYS

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import harness
+import ledger
 
 PAPER = "Miconi 2021, Multi-layer Hebbian networks with modern deep learning frameworks, arXiv:2107.01729"
 VARIANTS = {  # variant -> the network's options (hebbloss.models.miconi2021)
@@ -42,11 +42,11 @@ def run(args, variant: str, seed: int):
         train_args += ["--model-arg", f"{key}={str(value).lower()}"]
     if args.limit:
         train_args += ["--limit", args.limit]
-    train = harness.train(folder, train_args, log, args.threads)
+    train = ledger.train(folder, train_args, log, args.threads)
     probe = ["probe", "--run", folder, "--method", "paper", "--baselines", "none", "--no-progress"]
-    probe_seconds = harness.hebbloss(probe, log, args.threads)
-    by_layer = {r["layer"]: r for r in harness.probe_rows(harness.results_of(folder))}
-    command = harness.command_line(["train", *train_args]) + " && " + harness.command_line(probe).replace(str(folder), "RUN")
+    probe_seconds = ledger.hebbloss(probe, log, args.threads)
+    by_layer = {r["layer"]: r for r in ledger.probe_rows(ledger.results_of(folder))}
+    command = ledger.command_line(["train", *train_args]) + " && " + ledger.command_line(probe).replace(str(folder), "RUN")
     rows = []
     for block, name in READ.items():
         r = by_layer[name]
@@ -66,18 +66,18 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=20, help="Hebbian epochs (the paper's 20)")
     p.add_argument("--limit", type=int, default=None, help="a random subset of N images (quick checks only)")
-    p.add_argument("--data-dir", type=Path, default=harness.SHARED)
-    p.add_argument("--work", type=Path, default=harness.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
+    p.add_argument("--data-dir", type=Path, default=ledger.SHARED)
+    p.add_argument("--work", type=Path, default=ledger.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
-    p.add_argument("--out", type=Path, default=harness.RESULTS, help="folder of the results JSON")
+    p.add_argument("--out", type=Path, default=ledger.RESULTS, help="folder of the results JSON")
     args = p.parse_args(argv)
     if not (args.data_dir / "cifar10").exists():
         sys.exit(f"miconi2021.py: no cifar10 under {args.data_dir}; pass --data-dir (see docs/datasets.md)")
     quick = args.epochs != 20 or args.limit
     name = "miconi2021-cifar10" + (f"-quick-e{args.epochs}-n{args.limit}" if quick else "")
-    exp = harness.Experiment(name, {
-        "paper": PAPER, "data": harness.data_description("cifar10", args.data_dir),
-        "hardware": harness.hardware(args.threads),
+    exp = ledger.Experiment(name, {
+        "paper": PAPER, "data": ledger.data_description("cifar10", args.data_dir),
+        "hardware": ledger.hardware(args.threads),
         "command": "python benchmarks/reproduce/miconi2021.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"hebbian": f"the recipe miconi2021 (hebbloss.models.miconi2021), {args.epochs} epochs, batch 100, hflip, "
                               "Miconi's ZCA, 200 threshold-only batches",

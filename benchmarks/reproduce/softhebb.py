@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import harness
+import ledger
 
 PAPER = "Journe, Garcia Rodriguez, Guo & Moraitis 2023, Hebbian deep learning without feedback, ICLR (Table 1, Figure 3)"
 # The paper's CIFAR-10 linear-readout accuracies (%), by depth (Hebbian blocks): SoftHebb, the same
@@ -50,8 +50,8 @@ def paper_accuracy(dataset: str, variant: str, depth: int):
 
 def readout_rows(folder: Path, dataset: str, variant: str, depth: int, seed: int, seconds: dict, command: str):
     """The row of a probed run folder (the paper readout on the last block)."""
-    results = harness.results_of(folder)
-    (row,) = [r for r in harness.probe_rows(results) if r["layer"] == f"pool{depth}"]
+    results = ledger.results_of(folder)
+    (row,) = [r for r in ledger.probe_rows(results) if r["layer"] == f"pool{depth}"]
     return [{"model": "softhebb", "dataset": dataset, "variant": variant_name(variant, depth), "layer": depth,
              "readout": "paper", "seed": seed, "test_accuracy": round(100 * row["test_acc"], 2),
              "train_accuracy": round(100 * row["train_acc"], 2), "features": row["dim"],
@@ -69,14 +69,14 @@ def hebbian_or_random(exp, args, variant: str, depth: int, seed: int):
     train_args = list(common)
     if variant == "random":
         train_args += ["--warmup-steps", math.ceil(TRAIN_IMAGES[args.dataset] / 10)]
-    train = harness.train(folder, train_args, log, args.threads)
+    train = ledger.train(folder, train_args, log, args.threads)
     seconds = {"hebbian_epoch" if variant == "hebbian" else "statistics_pass": train["seconds"]}
     probe = ["probe", "--run", folder, "--method", "paper", "--probe-layers", f"pool{depth}", "--baselines", "none",
              "--no-progress"]
     if args.readout_epochs:
         probe += ["--readout-epochs", args.readout_epochs]
-    seconds["features_and_readout"] = harness.hebbloss(probe, log, args.threads)
-    command = harness.command_line(["train", *train_args]) + " && " + harness.command_line(probe).replace(str(folder), "RUN")
+    seconds["features_and_readout"] = ledger.hebbloss(probe, log, args.threads)
+    command = ledger.command_line(["train", *train_args]) + " && " + ledger.command_line(probe).replace(str(folder), "RUN")
     return readout_rows(folder, args.dataset, variant, depth, seed, seconds, command)
 
 
@@ -132,20 +132,20 @@ def main(argv=None) -> int:
     p.add_argument("--depths", type=int, nargs="+", default=[3, 1, 2])
     p.add_argument("--variants", nargs="+", default=["hebbian", "random"], choices=["hebbian", "random", "backprop"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--data-dir", type=Path, default=harness.SHARED)
-    p.add_argument("--work", type=Path, default=harness.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
+    p.add_argument("--data-dir", type=Path, default=ledger.SHARED)
+    p.add_argument("--work", type=Path, default=ledger.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     p.add_argument("--backprop-epochs", type=int, default=2,
                    help="epochs of the backprop baseline (2: what fits in about 60 minutes at depth 3 on 2 CPU cores)")
     p.add_argument("--readout-epochs", type=int, default=None, help="override the paper's 50 (quick checks only)")
-    p.add_argument("--out", type=Path, default=harness.RESULTS, help="folder of the results JSON")
+    p.add_argument("--out", type=Path, default=ledger.RESULTS, help="folder of the results JSON")
     args = p.parse_args(argv)
     if not (args.data_dir / ("cifar10" if args.dataset == "cifar10" else args.dataset)).exists():
         sys.exit(f"softhebb.py: no {args.dataset} under {args.data_dir}; pass --data-dir (see docs/datasets.md)")
     name = f"softhebb-{args.dataset}" + ("" if args.readout_epochs is None else f"-readout{args.readout_epochs}")
-    exp = harness.Experiment(name, {
-        "paper": PAPER, "data": harness.data_description(args.dataset, args.data_dir),
-        "hardware": harness.hardware(args.threads),
+    exp = ledger.Experiment(name, {
+        "paper": PAPER, "data": ledger.data_description(args.dataset, args.data_dir),
+        "hardware": ledger.hardware(args.threads),
         "command": "python benchmarks/reproduce/softhebb.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"hebbian": "the recipe softhebb-" + args.dataset + " (hebbloss.models.softhebb): batch 10, 1 epoch",
                    "readout": "paper: dropout 0.5 + linear on the last block, Adam 1e-3, batch 64, "

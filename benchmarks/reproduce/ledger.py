@@ -1,4 +1,4 @@
-"""What every reproduction script shares: one JSON file per experiment under
+"""The ledger of the reproduction scripts: one JSON file per experiment under
 benchmarks/results/reproduce/, rows recorded as soon as a run finishes (atomically), runs already
 recorded skipped, and the ``hebbloss`` command run with --resume when an earlier run was interrupted.
 
