@@ -12,7 +12,7 @@ Modes of one step (:func:`build_step`):
                    one explicit weight-gradient convolution (aten.convolution_backward with only the
                    weight output, as torch.nn.grad.conv2d_weight does; a matmul for Linear) for the same
                    rule and post signal: dW = sum y x - S W, applied in place
-    compiled       the hebbian step with the model under torch.compile
+    compiled       the hebbian step with the model under torch.compile (donated buffers off)
     bf16           the hebbian step with forward and loss() under torch.autocast(bfloat16)
     fp16           (CUDA) the hebbian step under torch.autocast(float16), with a torch.amp.GradScaler
 """
@@ -232,6 +232,10 @@ def build_step(mode: str, model_name: str, batch: int, size: int, device: str = 
         return lambda: hand.step(x)
     plastic = attach(model, spec, streaming=mode == "streaming")
     opt = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
+    if mode == "compiled":  # the plain Hebbian step keeps each layer's graph for a possible task loss, which
+        from torch._functorch import config as functorch_config  # a compiled graph that donates its buffers
+
+        functorch_config.donated_buffer = False  # refuses (see hebbloss._local)
     forward = torch.compile(model) if mode == "compiled" else model
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if mode == "fp16":
@@ -310,6 +314,15 @@ def _reset_peak_rss() -> bool:
         return True
     except (OSError, KeyError, AttributeError):
         return False
+
+
+def memory_measure(device: str) -> str:
+    """What :func:`step_peak_mib` measures on ``device``, in words (for the JSON)."""
+    if device.startswith("cuda"):
+        return "torch.cuda.max_memory_allocated growth over one step, after one warm-up step"
+    if Path("/proc/self/clear_refs").exists():
+        return "peak RSS minus RSS before one step, after one warm-up step, malloc_trim and a peak reset"
+    return "ru_maxrss growth over the first step"
 
 
 def step_peak_mib(step: Callable[[], None], device: str = "cpu") -> float:

@@ -59,13 +59,15 @@ def _batch(device="cpu"):
     return torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def test_compiled_hebbian_step_gives_the_rule_update(rule="softhebb"):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_compiled_hebbian_step_gives_the_rule_update(streaming, rule="softhebb"):
     """torch.compile of a model with attach: forward through the compiled model, loss() and backward.
     The forward hooks run in the compiled code (dynamo splits the graph at each layer's hook). One
-    rule only: inductor's first compile on CPU takes 15-90 s on 2 loaded cores, the most of this file."""
+    rule only: inductor's first compile on CPU takes 15-90 s on 2 loaded cores, the most of this file.
+    (A model whose compiled graphs donate their buffers needs streaming=True: see docs/performance.md.)"""
     net, x = _net(), _batch()
     expected = _reference_grads(net, x, rule)
-    plastic = hebbloss.attach(net, rule=rule, post="relu")
+    plastic = hebbloss.attach(net, rule=rule, post="relu", streaming=streaming)
     compiled = torch.compile(net)
     for _ in range(2):  # the second call runs the compiled graphs without recompiling
         net.zero_grad(set_to_none=True)
