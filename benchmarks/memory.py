@@ -5,9 +5,9 @@ Modes (Oja's rule with a ReLU post signal on every Conv2d and Linear layer):
     streaming  the same with attach(..., streaming=True): each layer's update taken in its forward
     backprop   forward + cross-entropy + backward + SGD step, same model
     inference  forward under torch.no_grad()
-Peak memory of the step: on CPU the growth of the process's maximum resident set size (ru_maxrss)
-during the first step, measured after the model, the batch and the optimizer exist; on CUDA
-torch.cuda.max_memory_allocated() during the step minus the memory allocated before it.
+Peak memory of the step: harness.step_peak_mib, in a fresh process per mode (on Linux CPUs the peak
+resident set size during the second step minus the resident set size before it; on CUDA
+torch.cuda.max_memory_allocated during the second step minus the memory allocated before it).
 
     python benchmarks/memory.py                    # every mode, prints ratios to backprop, writes JSON
     python benchmarks/memory.py --device cuda
@@ -73,7 +73,7 @@ def main() -> None:
         "benchmark": "memory",
         "what": "peak memory of one step (MiB), each mode in a fresh process; ratios to backprop",
         "model": args.model, "image_size": args.size, "batch": args.batch, "device": args.device,
-        "measure": "torch.cuda.max_memory_allocated growth" if args.device.startswith("cuda") else "ru_maxrss growth",
+        "measure": harness.memory_measure(args.device),
         "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else harness.cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
