@@ -1,92 +1,46 @@
 """Peak memory of one training step on timm resnet18 (224x224, batch 16), each mode in a fresh process.
 
-Modes (Oja's rule with a ReLU post signal on every Conv and Linear layer, as ``hebbloss.attach`` picks):
+Modes (Oja's rule with a ReLU post signal on every Conv2d and Linear layer):
     hebbloss   forward with hebbloss.attach + plastic.loss().backward() + SGD step
     streaming  the same with attach(..., streaming=True): each layer's update taken in its forward
     backprop   forward + cross-entropy + backward + SGD step, same model
     inference  forward under torch.no_grad()
-Peak memory of the step: on CPU the growth of the process's maximum resident set size (ru_maxrss)
-during the first step, measured after the model, the batch and the optimizer exist; on CUDA
-torch.cuda.max_memory_allocated() during the step minus the memory allocated before it.
+Peak memory of the step: harness.step_peak_mib, in a fresh process per mode (on Linux CPUs the peak
+resident set size during the second step minus the resident set size before it; on CUDA
+torch.cuda.max_memory_allocated during the second step minus the memory allocated before it).
 
     python benchmarks/memory.py                    # every mode, prints ratios to backprop, writes JSON
     python benchmarks/memory.py --device cuda
     python benchmarks/memory.py --mode streaming   # one mode in this process, prints its JSON line
 
-:func:`peak_memory` (one mode, this process) and :func:`measure_all` (each mode in a fresh process)
-are for benchmarks/speed.py to reuse. Target (issue 13): streaming <= 0.5 x backprop.
+:func:`peak_memory` (one mode, this process) and :func:`measure_all` (each mode in a fresh process);
+the models, steps and the measure itself are benchmarks/harness.py's, shared with benchmarks/speed.py. Target (issue 13): streaming <= 0.5 x backprop.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hebbloss  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from hebbloss import atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 MODES = ("hebbloss", "streaming", "backprop", "inference")
-MiB = 2 ** 20
-
-
-def _maxrss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+STEP_OF = {"hebbloss": "hebbian", "streaming": "streaming", "backprop": "backprop", "inference": "inference"}  # harness's names
 
 
 def peak_memory(mode: str, model_name: str = "resnet18", size: int = 224, batch: int = 16, device: str = "cpu") -> float:
     """Peak memory (MiB) that one step of ``mode`` adds, in this process (run it in a fresh one: the
     CPU figure is a high-water mark that never goes down)."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=10).to(device).train()
-    x = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
-    plastic = None
-    if mode in ("hebbloss", "streaming"):
-        plastic = hebbloss.attach(model, rule="oja", post="relu", streaming=mode == "streaming")
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = _maxrss_bytes()
-    if mode == "inference":
-        with torch.no_grad():
-            model(x)
-    else:
-        out = model(x)
-        loss = plastic.loss() if plastic is not None else F.cross_entropy(out, labels)
-        del out
-        loss.backward()
-        optimizer.step()
-    if cuda:
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / MiB
-    return (_maxrss_bytes() - before) / MiB
+    step = harness.build_step(STEP_OF[mode], model_name, batch, size, device)
+    return harness.step_peak_mib(step, device)
 
 
 def measure_all(model_name: str = "resnet18", size: int = 224, batch: int = 16, device: str = "cpu", modes=MODES) -> dict:
@@ -119,8 +73,8 @@ def main() -> None:
         "benchmark": "memory",
         "what": "peak memory of one step (MiB), each mode in a fresh process; ratios to backprop",
         "model": args.model, "image_size": args.size, "batch": args.batch, "device": args.device,
-        "measure": "torch.cuda.max_memory_allocated growth" if args.device.startswith("cuda") else "ru_maxrss growth",
-        "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else _cpu_name(),
+        "measure": harness.memory_measure(args.device),
+        "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else harness.cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "peak_mib": peaks,

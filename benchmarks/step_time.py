@@ -4,7 +4,10 @@ Hebbian step:  forward with hebbloss.attach + plastic.loss() + backward + SGD st
 Backprop step: forward + cross-entropy of a linear head + backward + SGD step, same model.
 Hand-written:  forward under no_grad keeping each layer's input, then per layer the rule's update
                dW = conv_weight_grad(x, y) - S*W (aten.convolution_backward with only the weight
-               output, as torch.nn.grad.conv2d_weight does) applied in place.
+               output, as torch.nn.grad.conv2d_weight does) applied in place (harness.HandWritten).
+
+benchmarks/speed.py measures the same three steps (and streaming, inference, compiled, bf16, peak
+memory) on the issue-13 models; this script keeps the issue-2 models, --profile and --processes.
 All three use Oja's rule with a ReLU post signal on every conv layer (the Linear head is not plastic).
 
     python benchmarks/step_time.py                 # prints medians and ratios, writes JSON
@@ -23,14 +26,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (the hand-written update and the round-robin timing, shared with speed.py)
 import hebbloss  # noqa: E402
 
 from hebbloss import atomic  # noqa: E402
@@ -78,52 +81,6 @@ def backprop_step(model, params, optimizer, x, y):
     optimizer.step()
 
 
-class HandWritten:
-    """Explicit Oja update on every conv, as a researcher writes it without autograd."""
-
-    def __init__(self, model):
-        self.convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        self.inputs = {}
-        self.handles = [c.register_forward_hook(self._keep) for c in self.convs]
-
-    def _keep(self, module, args, output):
-        self.inputs[module] = (args[0], output)
-
-    @torch.no_grad()
-    def step(self, model, x):
-        model(x)
-        for conv in self.convs:
-            inp, z = self.inputs.pop(conv)
-            post = torch.relu(z)
-            decay = (post * post).sum(dim=(0, 2, 3))
-            grad_w = torch.ops.aten.convolution_backward(
-                post, inp, conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                False, [0, 0], conv.groups, [False, True, False])[1]
-            grad_w.sub_(decay.view(-1, 1, 1, 1) * conv.weight)
-            conv.weight.add_(grad_w, alpha=LR)
-            if conv.bias is not None:
-                conv.bias.add_(post.sum(dim=(0, 2, 3)) - decay * conv.bias, alpha=LR)
-
-
-def interleaved_medians(steps: dict, warmup: int, repeat: int, device: str) -> dict:
-    """Median seconds of each step, timed round-robin (rotating order) so that all see the same load."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    names = list(steps)
-    times = {n: [] for n in names}
-    for r in range(repeat):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            steps[n]()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
 def profile_steps(steps: dict, n: int) -> dict:
     """{path: {op: self CPU ms per step}} from torch.profiler over ``n`` steps of each path; the ops
     whose time differs most between the Hebbian and the hand-written step come first."""
@@ -155,14 +112,15 @@ def bench_model(name, device, warmup, repeat, profile_n=0):
     heb_opt = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
 
     hand_model = factory().to(device)
-    hand = HandWritten(hand_model)
+    hand = harness.HandWritten(hand_model, {n: ("oja", torch.relu) for n, m in hand_model.named_modules()
+                                            if isinstance(m, nn.Conv2d)}, LR)
 
     steps = {
         "backprop_s": lambda: backprop_step(bp_model, bp_params, bp_opt, x, y),
         "hebbian_s": lambda: hebbian_step(heb_model, plastic, heb_opt, x, y),
-        "hand_written_s": lambda: hand.step(hand_model, x),
+        "hand_written_s": lambda: hand.step(x),
     }
-    out = interleaved_medians(steps, warmup, repeat, device)
+    out = harness.interleaved_medians(steps, warmup, repeat, device)
     if profile_n:
         out["profile_ms_per_step"] = profile_steps(steps, profile_n)
     plastic.remove()

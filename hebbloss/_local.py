@@ -81,7 +81,7 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
         term.hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
         return term
     if streaming or post.numel() > weight.numel():
-        found = torch.autograd.grad([output], learning, [post], retain_graph=not streaming)
+        found = _grad([output], learning, [post], retain_graph=not streaming)
         term.hebbian = {id(p): g for p, g in zip(learning, found)}
     else:
         term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
@@ -113,6 +113,24 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
             channel = kind.channel_dim(post) % post.dim()
             out[id(bias)] = post.sum(dim=[d for d in range(post.dim()) if d != channel]).to(bias.dtype)
     return out
+
+
+_COMPILED_ONCE = (
+    "a plastic layer's output comes from a torch.compile'd graph whose backward may run only once (it donates "
+    "its buffers), but hebbloss keeps the layer's graph for a later backward (a task loss through the same "
+    "layer). For purely local training pass streaming=True to hebbloss.attach (each layer's graph is used once); "
+    "else set torch._functorch.config.donated_buffer = False before the first call of the compiled model"
+)
+
+
+def _grad(outputs, inputs, grad_outputs, retain_graph):
+    """torch.autograd.grad, with what to do when a compiled graph refuses a retained backward."""
+    try:
+        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph)
+    except RuntimeError as e:
+        if retain_graph and "donated buffer" in str(e):
+            raise RuntimeError(_COMPILED_ONCE) from e
+        raise
 
 
 def local_loss(terms: Sequence[LocalTerm], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -187,7 +205,7 @@ def _parameter_grads(terms: Sequence[LocalTerm], edges, wanted: Sequence[torch.T
     waiting_ids = {id(q) for t in terms if t.post is not None for q in (t.weight, t.bias) if q is not None}
     waiting = [p for p in wanted if id(p) in waiting_ids]
     if waiting:
-        for p, g in zip(waiting, torch.autograd.grad(edges, waiting, grad_outputs, retain_graph=True)):
+        for p, g in zip(waiting, _grad(edges, waiting, grad_outputs, retain_graph=True)):
             add(id(p), g)
     for t in terms:
         if t.decay is None:

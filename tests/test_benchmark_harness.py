@@ -1,0 +1,99 @@
+"""benchmarks/harness.py's hand-written update is the rule's update (so the speed benchmark compares
+equal work), checked against the float64 reference of tests/reference.py; and the generated docs pages
+are what benchmarks/render_docs.py makes of the committed JSON."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from reference import D, rule_update
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return _load("harness")
+
+
+class ChannelsLastMlp(nn.Module):
+    """A Linear over the channels of an NHWC tensor, as in timm's ConvNeXt blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, groups=2, stride=2), ChannelsLastMlp())
+    prune.random_unstructured(net[2], "weight", amount=0.5)
+    return net
+
+
+@pytest.mark.parametrize("rule", ["hebb", "instar", "oja", "softhebb"])
+def test_hand_written_update_is_the_rule_update(harness, rule):
+    net = _net()
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(1))
+    layers = {"0": net[0], "2": net[2], "3.fc": net[3].fc}
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, (a[0].detach().clone(), out.detach().clone())))
+             for m in layers.values()]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    expected = {}
+    for name, layer in layers.items():
+        inp, z = seen[layer]
+        dW, db = rule_update(layer, inp.to(D), torch.relu(z).to(D), z.to(D), rule)
+        if hasattr(layer, "weight_mask"):  # pruned: only the kept connections change
+            dW = dW * layer.weight_mask.to(D)
+        expected[name] = dW, db
+    before = {n: p.detach().to(D).clone() for n, p in net.named_parameters()}
+    harness.HandWritten(net, {n: (rule, torch.relu) for n in layers}, lr=1.0).step(x)
+    for name, layer in layers.items():
+        dW, db = expected[name]
+        weight = "weight_orig" if hasattr(layer, "weight_orig") else "weight"
+        got_w = getattr(layer, weight).detach().to(D) - before[f"{name}.{weight}"]
+        got_b = layer.bias.detach().to(D) - before[f"{name}.bias"]
+        torch.testing.assert_close(got_w, dW, rtol=1e-4, atol=1e-4 * dW.abs().max().item())
+        torch.testing.assert_close(got_b, db, rtol=1e-4, atol=1e-4 * db.abs().max().item())
+
+
+def test_generated_pages_match_the_committed_json():
+    render_docs = _load("render_docs")
+    root = BENCHMARKS.parent
+    assert render_docs.render() == (root / "docs" / "benchmarks.md").read_text()
+    results = BENCHMARKS / "results"
+    page = render_docs.performance_page(json.loads((results / "speed.json").read_text()),
+                                        json.loads((results / "memory.json").read_text()))
+    assert page == (root / "docs" / "performance.md").read_text()
+
+
+def test_performance_page_says_when_there_are_no_gpu_figures():
+    render_docs = _load("render_docs")
+    speed = json.loads((BENCHMARKS / "results" / "speed.json").read_text())
+    speed["runs"].pop("cuda", None)
+    page = render_docs.performance_page(speed)
+    assert "## GPU\n\nNo GPU figures yet" in page

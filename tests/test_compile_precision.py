@@ -1,0 +1,128 @@
+"""A Hebbian step under torch.compile, bf16 autocast (CPU), fp16 autocast with GradScaler (CUDA) and
+channels_last gives the rule's update (Miconi 2021): each .grad is compared with minus the float64
+reference update of tests/reference.py, computed from a float64 copy of the network's own inputs.
+
+Documented tolerances (max |error| / max |reference| per parameter, also in docs/performance.md):
+float32 paths (eager, compiled, channels_last) 1e-4; bfloat16 autocast 2e-2 (bf16 keeps 8 bits of
+mantissa: 3.9e-3 relative per rounding, and the layer's output z and post signal y are bf16); float16
+autocast with GradScaler 5e-3.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hebbloss
+from reference import D, rule_update
+
+FP32_TOL, BF16_TOL, FP16_TOL = 1e-4, 2e-2, 5e-3
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1, groups=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(5 * 6 * 6, 3))
+
+
+def _reference_grads(net, x, rule):
+    """{parameter name: minus the float64 update} from a float64 copy of ``net`` on ``x`` (post = ReLU)."""
+    ref = copy.deepcopy(net).to(D)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, (a[0], out)))
+             for m in ref if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        ref(x.to(D).contiguous())
+    for h in hooks:
+        h.remove()
+    grads = {}
+    for (name, layer), (_, ref_layer) in zip(
+            [(n, m) for n, m in net.named_children() if isinstance(m, (nn.Conv2d, nn.Linear))],
+            [(n, m) for n, m in ref.named_children() if isinstance(m, (nn.Conv2d, nn.Linear))]):
+        inp, z = seen[ref_layer]
+        dW, db = rule_update(ref_layer, inp, torch.relu(z), z, rule)
+        grads[f"{name}.weight"], grads[f"{name}.bias"] = -dW, -db
+    return grads
+
+
+def _relative_errors(net, expected):
+    out = {}
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.dtype == p.dtype, name
+        ref = expected[name]
+        out[name] = ((p.grad.to(D) - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
+def _batch(device="cpu"):
+    return torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_compiled_hebbian_step_gives_the_rule_update(streaming, rule="softhebb"):
+    """torch.compile of a model with attach: forward through the compiled model, loss() and backward.
+    The forward hooks run in the compiled code (dynamo splits the graph at each layer's hook). One
+    rule only: inductor's first compile on CPU takes 15-90 s on 2 loaded cores, the most of this file.
+    (A model whose compiled graphs donate their buffers needs streaming=True: see docs/performance.md.)"""
+    net, x = _net(), _batch()
+    expected = _reference_grads(net, x, rule)
+    plastic = hebbloss.attach(net, rule=rule, post="relu", streaming=streaming)
+    compiled = torch.compile(net)
+    for _ in range(2):  # the second call runs the compiled graphs without recompiling
+        net.zero_grad(set_to_none=True)
+        compiled(x)
+        plastic.loss().backward()
+        errors = _relative_errors(net, expected)
+        assert max(errors.values()) < FP32_TOL, errors
+    plastic.remove()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("rule", ["oja", "softhebb"])
+def test_bf16_autocast_on_cpu_gives_the_fp32_update_within_tolerance(rule, streaming):
+    net, x = _net(), _batch()
+    expected = _reference_grads(net, x, rule)
+    plastic = hebbloss.attach(net, rule=rule, post="relu", streaming=streaming)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        loss = plastic.loss()
+    assert out.dtype == torch.bfloat16  # the layers did run in bf16
+    assert loss.dtype == torch.float32
+    loss.backward()
+    errors = _relative_errors(net, expected)
+    assert max(errors.values()) < BF16_TOL, errors
+    assert max(errors.values()) > 1e-6, "the update was not computed in bf16"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_channels_last_gives_the_same_update_as_contiguous(streaming):
+    net, x = _net(), _batch()
+    expected = _reference_grads(net, x, "oja")
+    net = net.to(memory_format=torch.channels_last)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plastic = hebbloss.attach(net, rule="oja", post="relu", streaming=streaming)
+    net(x.to(memory_format=torch.channels_last))
+    plastic.loss().backward()
+    errors = _relative_errors(net, expected)
+    assert max(errors.values()) < FP32_TOL, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast with GradScaler needs CUDA")
+@pytest.mark.parametrize("streaming", [False, True])
+def test_fp16_autocast_with_grad_scaler_on_cuda_gives_the_update_within_tolerance(streaming):
+    net, x = _net(), _batch()
+    expected = _reference_grads(net, x, "oja")
+    net, x = net.cuda(), x.cuda()
+    plastic = hebbloss.attach(net, rule="oja", post="relu", streaming=streaming)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        net(x)
+        loss = plastic.loss()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # the gradients the step would use
+    scaler.step(optimizer)
+    scaler.update()
+    errors = _relative_errors(net.cpu(), expected)
+    assert max(errors.values()) < FP16_TOL, errors
