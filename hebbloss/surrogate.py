@@ -47,10 +47,22 @@ def mean_scale(kind: layers.LayerType, output: torch.Tensor, reduction: str) -> 
     return 1.0 / max(1, output.numel() // output.shape[kind.channel_dim(output)])
 
 
+def flat_pair(a: torch.Tensor, b: torch.Tensor):
+    """``a`` and ``b`` (same shape) as 1-D tensors whose i-th elements are at the same index of both: views
+    in memory order where both are dense with equal strides (a channels-last output and its post signal,
+    which ``reshape(-1)`` would copy whole), else ``reshape(-1)``."""
+    if a.stride() == b.stride() and not a.is_contiguous():
+        order = sorted(range(a.dim()), key=lambda d: -a.stride(d))
+        pa = a.permute(order)
+        if pa.is_contiguous():  # dense, no overlap: then so is b's, with the same strides
+            return pa.view(-1), b.permute(order).view(-1)
+    return a.reshape(-1), b.reshape(-1)
+
+
 def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, groups: int):
     """(<y, z>, sum_c S_c (||W_c||^2 + b_c^2) or None when S = 0): L = scale * (-first + second / 2).
     Call it where no graph is recorded (under ``torch.no_grad()`` or in an autograd Function's forward)."""
-    correlation = torch.dot(post.reshape(-1), output.reshape(-1))
+    correlation = torch.dot(*flat_pair(post, output))
     if decay is None:
         return correlation, None
     norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()

@@ -306,3 +306,44 @@ def test_a_plastic_layer_called_on_its_own_in_streaming_mode_keeps_the_callers_g
     out = model[0](torch.randn(2, 3))
     assert torch.is_grad_enabled() and not out.requires_grad and len(plastic.records["0"]) == 1
     plastic.remove()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_unbatched_linear_call_gets_the_rule_update(streaming):
+    """A Linear called on one unbatched vector: y is the bias's update itself (a sum over no dimension)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(1, 6).to(D)  # y (6) no smaller than the weight (6): its update is taken in the forward hook
+    plastic = hebbloss.attach(layer, rule="oja", post=torch.tanh, streaming=streaming)
+    x = torch.randn(1, dtype=D)
+    layer(x)
+    plastic.loss().backward()
+    plastic.remove()
+    with torch.no_grad():
+        z = layer(x)
+    for p, expected in zip((layer.weight, layer.bias), _grads_of_reference(layer, x, z, torch.tanh, "oja", "sum")):
+        torch.testing.assert_close(p.grad, expected, **TOL)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_a_channels_last_conv_gives_the_loss_value_and_the_rule_update(streaming, depthwise):
+    """Input and output in channels-last layout (as timm's LayerNorm2d leaves them): the value
+    -<y, z> + 1/2 sum_c S_c (||W_c||^2 + b_c^2) and the update are those of the plain float64 sums."""
+    torch.manual_seed(0)
+    layer = (nn.Conv2d(4, 4, 3, padding=1, groups=4) if depthwise else nn.Conv2d(3, 5, 1)).to(D)
+    x = torch.randn(2, layer.in_channels, 6, 5, dtype=D).contiguous(memory_format=torch.channels_last)
+    plastic = hebbloss.attach(layer, rule="oja", post=torch.relu, streaming=streaming)
+    out = layer(x)
+    assert not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    loss = plastic.loss()
+    loss.backward()
+    plastic.remove()
+    with torch.no_grad():
+        z = layer(x.contiguous())
+    y = torch.relu(z)
+    S = (y * y).sum(dim=(0, 2, 3))
+    norms = (layer.weight.detach() ** 2).sum(dim=(1, 2, 3)) + layer.bias.detach() ** 2
+    expected_value = -(y * z).sum() + 0.5 * (S * norms).sum()
+    torch.testing.assert_close(loss.detach(), expected_value, **TOL)
+    for p, expected in zip((layer.weight, layer.bias), _grads_of_reference(layer, x, z, torch.relu, "oja", "sum")):
+        torch.testing.assert_close(p.grad, expected, **TOL)
