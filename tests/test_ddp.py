@@ -9,21 +9,18 @@ plain numpy copies back (no tensor shared through a file descriptor that dies wi
 worker that fails sends its traceback, which the test shows.
 """
 import os
-import queue as queue_module
-import socket
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402
+import workers  # noqa: E402
 
 WORLD = 2
 LR = 0.01
@@ -37,15 +34,6 @@ def _model():
 
 def _batch(rank):
     return torch.randn(3, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + rank))
-
-
-def _loopback_interface():
-    """Name of the loopback network interface ("lo" on Linux, "lo0" on macOS), or None."""
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except (AttributeError, OSError):
-        return None
-    return next((n for n in names if n.startswith("lo")), None)
 
 
 def _worker(rank, init_file, results):
@@ -66,57 +54,23 @@ def _worker(rank, init_file, results):
             weights = [p.detach().numpy().copy() for p in model.parameters()]
         finally:
             dist.destroy_process_group()
-        results.put((rank, grads, weights, None))
+        results.put((rank, (grads, weights), None))
     except BaseException:
-        results.put((rank, None, None, traceback.format_exc()))
+        results.put((rank, None, traceback.format_exc()))
         raise
 
 
 def _run_workers(tmp_path):
     """{rank: (grads, weights)} as float64 tensors, once every worker has reported and exited."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "rendezvous"), results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    reports, failures, silent = {}, {}, set()
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while len(reports) + len(failures) < WORLD:
-            try:
-                rank, grads, weights, error = results.get(timeout=1)
-            except queue_module.Empty:
-                for r, p in enumerate(procs):  # killed before it could report (a crash in C code, out of memory)
-                    if p.exitcode is not None and r not in reports and r not in failures:
-                        if r in silent:  # a report sent before exiting would have arrived by now
-                            failures[r] = f"exited with code {p.exitcode} without a report"
-                        silent.add(r)
-                if time.monotonic() > deadline:
-                    failures.update({r: f"no report within {DEADLINE_S} s" for r in range(WORLD) if r not in reports and r not in failures})
-                continue
-            if error is None:
-                reports[rank] = [torch.from_numpy(g) for g in grads], [torch.from_numpy(w) for w in weights]
-            else:
-                failures[rank] = error
-                deadline = min(deadline, time.monotonic() + 30)  # the other rank may wait on it in vain
-        if failures:
-            pytest.fail("\n".join(f"worker {r} failed: {failures[r]}" for r in sorted(failures)))
-        for r, p in enumerate(procs):
-            p.join(timeout=60)
-            assert p.exitcode == 0, f"worker {r} reported its results but exited with code {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        results.close()
-    return reports
+    reports = workers.run_workers(_worker, (str(tmp_path / "rendezvous"),), WORLD, DEADLINE_S)
+    return {r: ([torch.from_numpy(g) for g in grads], [torch.from_numpy(w) for w in weights])
+            for r, (grads, weights) in reports.items()}
 
 
 def test_ddp_averages_the_rule_updates_of_the_ranks(tmp_path, monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
-    interface = _loopback_interface()
+    interface = workers.loopback_interface()
     if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)  # inherited by the spawned workers
     results = _run_workers(tmp_path)

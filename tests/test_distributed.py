@@ -15,10 +15,7 @@ traceback, which the test shows.
 """
 import json
 import os
-import queue as queue_module
-import socket
 import sys
-import time
 import traceback
 from collections import OrderedDict
 from pathlib import Path
@@ -26,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402
+import workers  # noqa: E402
 
 WORLD = 2
 DEADLINE_S = 240  # for both workers to start (spawn imports torch and hebbloss), run and report
@@ -39,20 +36,11 @@ LR, MU_MODEL, MU_POST, K_MODEL = 0.05, 2.0, 3.0, 2
 BATCHES = 2
 
 
-def _loopback_interface():
-    """Name of the loopback network interface ("lo" on Linux, "lo0" on macOS), or None."""
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except (AttributeError, OSError):
-        return None
-    return next((n for n in names if n.startswith("lo")), None)
-
-
 @pytest.fixture
 def gloo(monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
-    interface = _loopback_interface()
+    interface = workers.loopback_interface()
     if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)  # inherited by the spawned workers
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HEBBLOSS_DIST_INIT"):
@@ -61,43 +49,7 @@ def gloo(monkeypatch):
 
 def _run_workers(target, args):
     """{rank: payload} once every worker has called ``target(rank, *args, results)``, reported and exited."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    reports, failures, silent = {}, {}, set()
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while len(reports) + len(failures) < WORLD:
-            try:
-                rank, payload, error = results.get(timeout=1)
-            except queue_module.Empty:
-                for r, p in enumerate(procs):  # killed before it could report (a crash in C code, out of memory)
-                    if p.exitcode is not None and r not in reports and r not in failures:
-                        if r in silent:  # a report sent before exiting would have arrived by now
-                            failures[r] = f"exited with code {p.exitcode} without a report"
-                        silent.add(r)
-                if time.monotonic() > deadline:
-                    failures.update({r: f"no report within {DEADLINE_S} s" for r in range(WORLD) if r not in reports and r not in failures})
-                continue
-            if error is None:
-                reports[rank] = payload
-            else:
-                failures[rank] = error
-                deadline = min(deadline, time.monotonic() + 30)  # the other rank may wait on it in vain
-        if failures:
-            pytest.fail("\n".join(f"worker {r} failed: {failures[r]}" for r in sorted(failures)))
-        for r, p in enumerate(procs):
-            p.join(timeout=60)
-            assert p.exitcode == 0, f"worker {r} reported its results but exited with code {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        results.close()
-    return reports
+    return workers.run_workers(target, args, WORLD, DEADLINE_S)
 
 
 # ------------------------------------------------------------------------------------------------ library
