@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -114,9 +115,7 @@ def train(folder: Path, args: Sequence[str], log: Path, threads: int) -> Dict[st
         hebbloss(["train", "--resume", folder, "--no-progress"], log, threads)
     else:
         if folder.exists():  # a folder without a checkpoint holds nothing worth keeping
-            for p in sorted(folder.rglob("*"), reverse=True):
-                p.unlink() if p.is_file() else p.rmdir()
-            folder.rmdir()
+            shutil.rmtree(folder)
         hebbloss(["train", *args, "--out", folder, "--no-progress"], log, threads)
     return results_of(folder)["train"]
 
