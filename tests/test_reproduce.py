@@ -36,6 +36,18 @@ def test_experiment_records_replaces_and_skips(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_two_writers_of_one_experiment_keep_each_others_rows(tmp_path):
+    """Two scripts (two processes) that opened the same experiment before either recorded: each
+    record re-reads the file, so the later write does not drop the earlier one's row."""
+    header = {"paper": "p", "data": "d", "hardware": {}, "command": "c", "config": {}}
+    first = ledger.Experiment("x", header, folder=tmp_path)
+    second = ledger.Experiment("x", header, folder=tmp_path)
+    first.record([_row("plain", 3, 60.0, model="miconi2021")])
+    second.record([_row("triangle-pruning", 3, 64.0, model="miconi2021")])
+    saved = json.loads((tmp_path / "x.json").read_text())
+    assert sorted((r["variant"], r["test_accuracy"]) for r in saved["rows"]) == [("plain", 60.0), ("triangle-pruning", 64.0)]
+
+
 def test_targets_are_checked_from_the_rows():
     rows = [_row("depth1", 1, 70.0), _row("depth2", 2, 75.0), _row("depth3", 3, 76.0), _row("depth3", 3, 77.5, seed=1)]
     text = "\n".join(report._softhebb_targets("cifar10", rows))

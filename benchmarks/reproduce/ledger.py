@@ -7,6 +7,7 @@ A row is {"model", "dataset", "variant", "layer", "readout", "seed", "test_accur
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -69,13 +70,19 @@ class Experiment:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.data["rows"])
 
     def record(self, rows: Sequence[Dict[str, Any]]) -> None:
-        """Add ``rows`` (replacing recorded rows with the same key) and write the file atomically."""
-        for row in rows:
-            key = {k: row[k] for k in KEY}
-            self.data["rows"] = [r for r in self.data["rows"] if {k: r.get(k) for k in KEY} != key]
-            self.data["rows"].append(dict(row))
+        """Add ``rows`` (replacing recorded rows with the same key) and write the file atomically.
+        The rows on disk are re-read under a lock first, so two scripts recording into the same
+        experiment at once (say two variants in two processes) keep each other's rows."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(self.path, json.dumps(self.data, indent=1) + "\n")
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.data["rows"] = json.loads(self.path.read_text())["rows"]
+            for row in rows:
+                key = {k: row[k] for k in KEY}
+                self.data["rows"] = [r for r in self.data["rows"] if {k: r.get(k) for k in KEY} != key]
+                self.data["rows"].append(dict(row))
+            atomic.write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def command_line(args: Sequence[str]) -> str:
