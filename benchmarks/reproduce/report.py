@@ -81,6 +81,9 @@ def section(record: dict) -> str:
     lines = [f"## {record['experiment']}", "", f"Paper: {record['paper']}.", "",
              f"Data: {record['data']}.", "", f"Hardware: {_hardware(record.get('hardware', {}))}.", "",
              f"Script: `{record['command'].strip()}`.", ""]
+    config = record.get("config") or {}
+    if config:
+        lines += ["Settings (the script's `config`):", "", *(f"- {k}: {v}" for k, v in config.items()), ""]
     if cifar:
         lines += [f"Every CIFAR-10 number here is on the shared {JPEG_NOTE} (a JPEG re-encoding of the original images; "
                   "SoftHebb's own code scores 76.84 % on it with one seed, 3.5 points under its paper); the paper's are on "

@@ -11,9 +11,14 @@ random weights and trained end to end by backprop, read the same way.
 Every finished run is written to benchmarks/results/reproduce/softhebb-DATASET.json at once; runs
 already there are skipped; an interrupted Hebbian run resumes from its checkpoint.
 
-Random baseline: the untrained network (the authors' initialisation, radius 25) after one forward-only
-pass over the training epoch (``--warmup-steps`` = all steps), so its BatchNorm statistics are those
-of the data, as in a Hebbian run with learning rate 0; no weight changes.
+Random baseline (``random``), as the authors' code runs it (ray_search.py with ``--training-blocks``
+naming only the classifier): the untrained network, the authors' initialisation (radius 25), read with
+no pass over the data first. Their model keeps every block it does not train in eval mode
+(model.py, ``train(blocks=...)``), so the BatchNorm layers keep their initial running statistics
+(mean 0, variance 1) and normalise nothing. ``random-bn-data`` is our own, stronger variant: the same
+weights after one forward-only pass over the training epoch (``hebbloss train --warmup-steps`` = all
+steps), so BatchNorm holds the data's statistics, as in a Hebbian run with learning rate 0; the paper
+has no number for it.
 Backprop baseline: the same architecture re-initialised and trained end to end with a linear head by
 cross-entropy and Adam (hebbloss.probe.baselines.backprop_copy) for ``--backprop-epochs`` epochs,
 then read by the same readout.
@@ -61,13 +66,13 @@ def readout_rows(folder: Path, dataset: str, variant: str, depth: int, seed: int
 
 
 def hebbian_or_random(exp, args, variant: str, depth: int, seed: int):
-    """Train (or, for the random baseline, run forward only) through ``hebbloss train``, then probe."""
+    """Train (or, for ``random-bn-data``, run forward only) through ``hebbloss train``, then probe."""
     folder = args.work / f"{args.dataset}-{variant}-depth{depth}-seed{seed}"
     log = args.work / "logs" / f"{folder.name}.log"
     common = ["--model", "softhebb", "--model-arg", f"depth={depth}", "--dataset", args.dataset,
               "--data-dir", args.data_dir, "--seed", seed]
     train_args = list(common)
-    if variant == "random":
+    if variant == "random-bn-data":
         train_args += ["--warmup-steps", math.ceil(TRAIN_IMAGES[args.dataset] / 10)]
     train = ledger.train(folder, train_args, log, args.threads)
     seconds = {"hebbian_epoch" if variant == "hebbian" else "statistics_pass": train["seconds"]}
@@ -80,11 +85,14 @@ def hebbian_or_random(exp, args, variant: str, depth: int, seed: int):
     return readout_rows(folder, args.dataset, variant, depth, seed, seconds, command)
 
 
-def backprop(exp, args, depth: int, seed: int):
-    """The backprop baseline through the API: the network re-initialised and trained end to end with a linear
-    head (hebbloss.probe.baselines.backprop_copy, Adam 1e-3, batch 128) for ``--backprop-epochs``, saved
-    (atomically) once trained, then read by the paper readout on its last block like the Hebbian network.
-    An interruption during training loses that training (the saved network is reused afterwards)."""
+def api_baseline(exp, args, variant: str, depth: int, seed: int):
+    """The baselines read through the API rather than the command.
+
+    ``backprop``: the network re-initialised and trained end to end with a linear head
+    (hebbloss.probe.baselines.backprop_copy, Adam 1e-3, batch 128) for ``--backprop-epochs``, saved
+    (atomically) once trained; an interruption during training loses that training (the saved network is
+    reused afterwards). ``random``: the network as created (initial weights and BatchNorm statistics).
+    Either is then read by the paper readout on its last block like the Hebbian network."""
     import torch
 
     import hebbloss
@@ -94,13 +102,14 @@ def backprop(exp, args, depth: int, seed: int):
     from hebbloss.probe.baselines import backprop_copy
 
     torch.set_num_threads(args.threads)
-    folder = args.work / f"{args.dataset}-backprop-depth{depth}-seed{seed}-e{args.backprop_epochs}"
-    folder.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(args.dataset, args.data_dir)
     model = hebbloss.models.create("softhebb", dataset=args.dataset.replace("-", ""), depth=depth, seed=seed)
     seconds = {}
+    folder = args.work / f"{args.dataset}-backprop-depth{depth}-seed{seed}-e{args.backprop_epochs}"
     saved = folder / "backprop.pt"
-    if saved.exists():
+    if variant == "random":
+        pass
+    elif saved.exists():
         state = torch.load(saved, map_location="cpu")
         model.load_state_dict(state["model"])
         seconds["backprop_training"] = state["seconds"]
@@ -109,6 +118,7 @@ def backprop(exp, args, depth: int, seed: int):
         model = backprop_copy(model, ds.train_images, ds.train_labels, len(ds.classes), epochs=args.backprop_epochs,
                               lr=1e-3, seed=seed)
         seconds["backprop_training"] = time.perf_counter() - started
+        folder.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_file(saved) as f:
             torch.save({"model": model.state_dict(), "seconds": seconds["backprop_training"]}, f)
     started = time.perf_counter()
@@ -118,19 +128,26 @@ def backprop(exp, args, depth: int, seed: int):
                                     **({"epochs": args.readout_epochs} if args.readout_epochs else {}))
     seconds["features_and_readout"] = time.perf_counter() - started
     r = result[f"pool{depth}"]
-    return [{"model": "softhebb", "dataset": args.dataset, "variant": "backprop", "layer": depth, "readout": "paper",
-             "seed": seed, "test_accuracy": round(100 * r.test_acc, 2), "train_accuracy": round(100 * r.train_acc, 2),
-             "paper_accuracy": paper_accuracy(args.dataset, "backprop", depth), "epochs": args.backprop_epochs,
-             "seconds": round(sum(seconds.values()), 1), "phases": {k: round(v, 1) for k, v in seconds.items()},
-             "command": f"python benchmarks/reproduce/softhebb.py --dataset {args.dataset} --depths {depth} "
-                        f"--variants backprop --seeds {seed} --backprop-epochs {args.backprop_epochs}"}]
+    command = (f"python benchmarks/reproduce/softhebb.py --dataset {args.dataset} --depths {depth} "
+               f"--variants {variant} --seeds {seed}")
+    row = {"model": "softhebb", "dataset": args.dataset, "variant": variant, "layer": depth, "readout": "paper",
+           "seed": seed, "test_accuracy": round(100 * r.test_acc, 2), "train_accuracy": round(100 * r.train_acc, 2),
+           "paper_accuracy": paper_accuracy(args.dataset, variant, depth),
+           "seconds": round(sum(seconds.values()), 1), "phases": {k: round(v, 1) for k, v in seconds.items()},
+           "command": command}
+    if variant == "backprop":
+        row["epochs"] = args.backprop_epochs
+        row["command"] += f" --backprop-epochs {args.backprop_epochs}"
+    if args.readout_epochs:
+        row["command"] += f" --readout-epochs {args.readout_epochs}"
+    return [row]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=sorted(TRAIN_IMAGES))
     p.add_argument("--depths", type=int, nargs="+", default=[3, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["hebbian", "random"], choices=["hebbian", "random", "backprop"])
+    p.add_argument("--variants", nargs="+", default=["hebbian", "random"], choices=["hebbian", "random", "random-bn-data", "backprop"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--data-dir", type=Path, default=ledger.SHARED)
     p.add_argument("--work", type=Path, default=ledger.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
@@ -150,7 +167,8 @@ def main(argv=None) -> int:
         "config": {"hebbian": "the recipe softhebb-" + args.dataset + " (hebbloss.models.softhebb): batch 10, 1 epoch",
                    "readout": "paper: dropout 0.5 + linear on the last block, Adam 1e-3, batch 64, "
                               f"{args.readout_epochs or 50} epochs, lr halved at 20/35/50/60/70/80/90 %",
-                   "random": "initial weights; BatchNorm statistics from one forward-only pass over the epoch",
+                   "random": "initial weights and BatchNorm statistics (the authors' protocol: no pass over the data)",
+                   "random-bn-data": "initial weights; BatchNorm statistics from one forward-only pass over the epoch",
                    "threads": args.threads},
     }, folder=args.out)
     for seed in args.seeds:
@@ -162,7 +180,10 @@ def main(argv=None) -> int:
                     print(f"recorded already: {key}")
                     continue
                 print(f"running {key}", flush=True)
-                rows = backprop(exp, args, depth, seed) if variant == "backprop" else hebbian_or_random(exp, args, variant, depth, seed)
+                if variant in ("backprop", "random"):
+                    rows = api_baseline(exp, args, variant, depth, seed)
+                else:
+                    rows = hebbian_or_random(exp, args, variant, depth, seed)
                 exp.record(rows)
                 print(f"recorded {rows}", flush=True)
     return 0
