@@ -4,7 +4,6 @@ every baseline read the same way, features beyond the memory limit read from a d
 The reference is evaluate_paper_readout called directly on each network (the model, and the random copy
 built as evaluate builds it), itself checked against the plain readout in tests/test_readouts.py.
 """
-import importlib
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from hebbloss import models
 from hebbloss.data import ImageDataset
 from hebbloss.probe import evaluate, evaluate_paper_readout
 from hebbloss.probe.baselines import random_copy
+from hebbloss.probe import feature_cache
 from hebbloss.probe.evaluate import RANDOM_SEED_OFFSET
 
-harness = importlib.import_module("hebbloss.probe.evaluate")  # the module (hebbloss.probe.evaluate is the function)
 
 
 def dataset(channels=3, size=32, n_train=40, n_test=20, seed=0):
@@ -73,14 +72,14 @@ def test_paper_readout_dims_are_the_flattened_block_outputs():
 def spy_caches(monkeypatch):
     """Record whether each feature cache evaluate builds lies on disk."""
     seen = []
-    real = harness.cache_features
+    real = feature_cache.cache_features
 
     def spy(*args, **kwargs):
         caches = real(*args, **kwargs)
         seen.extend(c.on_disk for c in caches.values())
         return caches
 
-    monkeypatch.setattr(harness, "cache_features", spy)
+    monkeypatch.setattr(feature_cache, "cache_features", spy)
     return seen
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from hebbloss.models.miconi2021 import miconi2021
-from hebbloss.probe.feature_cache import FeatureCache, FeatureCacheWriter, available_memory, cache_features
+from hebbloss.probe.feature_cache import (FeatureCache, FeatureCacheWriter, FeatureOverflowError, available_memory,
+                                         cache_feature_sets, cache_features)
 from hebbloss.probe.readouts import (
     READOUTS, evaluate_paper_readout, fast_dropout, miconi_readout, miconi_ridge, paper_readout_for,
     softhebb_learning_rates, softhebb_milestones, softhebb_readout,
@@ -225,3 +226,28 @@ def test_cache_features_stores_a_frozen_network_layer_once(tmp_path):
         got = caches["1"][torch.arange(7)]
         assert got.dtype == torch.float16
         torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-4)  # float16 rounding
+
+
+@pytest.mark.parametrize("large_in", ["train", "test"])
+def test_feature_sets_fall_back_to_float32_together_when_a_value_exceeds_float16(tmp_path, large_in):
+    """An untrained network without normalisation reaches 1e5 (the SoftHebb random baseline): the sets
+    are cached in float32, all of them, with the values a plain float64 forward gives."""
+    model = nn.Sequential(nn.Conv2d(4, 3, 1, bias=False))  # a linear map of 1x1 images
+    w = torch.tensor([[1.0, 2, 3, 4], [-1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5]])
+    with torch.no_grad():
+        model[0].weight.copy_(w[:, :, None, None])
+    g = torch.Generator().manual_seed(13)
+    sets = {"train": torch.rand(6, 4, 1, 1, generator=g), "test": torch.rand(5, 4, 1, 1, generator=g)}
+    sets[large_in][2] *= 3e4  # one sample's first output is about 1e5, beyond float16's 65504
+    want = {k: v.flatten(1).double() @ w.double().T for k, v in sets.items()}
+    for limit in (None, 0):
+        folders = [tmp_path / f"{limit}" / "train", tmp_path / f"{limit}" / "test"]
+        train, test = cache_feature_sets(model, ["0"], [sets["train"], sets["test"]], folders, memory_limit=limit, batch_size=4)
+        for cache, key in ((train, "train"), (test, "test")):
+            got = cache["0"][torch.arange(len(sets[key]))]
+            assert got.dtype == torch.float32 and cache["0"].on_disk == (limit == 0)
+            torch.testing.assert_close(got.double(), want[key], rtol=1e-6, atol=1e-5)
+    with pytest.raises(FeatureOverflowError, match="float16"):
+        cache_feature_sets(model, ["0"], [sets["train"], sets["test"]], dtype=torch.float16)
+    train, test = cache_feature_sets(model, ["0"], [sets["train"] / 3e5, sets["test"] / 3e5])
+    assert train["0"].dtype == test["0"].dtype == torch.float16  # small features stay float16

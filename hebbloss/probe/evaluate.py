@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import ImageDataset, load_dataset
 from .baselines import BASELINES, backprop_copy, random_copy
-from .feature_cache import SAFETY_FRACTION, FeatureCache, FeatureOverflowError, available_memory, cache_features
+from .feature_cache import SAFETY_FRACTION, FeatureCache, available_memory, cache_feature_sets
 from .features import capture_features, iter_features, model_device, resolve_layers
 from .logistic import fit_logistic
 from .pooling import Pool, check_pool
@@ -277,23 +277,10 @@ def _cache(net, chosen, data: _Data, extract, fit: _Fit) -> Tuple[Dict[str, Feat
     """The train and test features of ``net`` as FeatureCaches (float16 for a paper readout, float32 for
     logistic or when a feature exceeds float16's range), in memory while they fit in ``fit.memory_limit``
     bytes, the rest in temporary files deleted with the caches."""
-    if fit.readout is not None:
-        try:
-            return _cache_as(torch.float16, net, chosen, data, extract, fit)
-        except FeatureOverflowError:
-            pass
-    return _cache_as(torch.float32, net, chosen, data, extract, fit)
-
-
-def _cache_as(dtype, net, chosen, data: _Data, extract, fit: _Fit) -> Tuple[Dict[str, FeatureCache], Dict[str, FeatureCache]]:
-    names = [n for n, _ in chosen]
-    limit = fit.memory_limit
-    caches = []
-    for images in (data.train[0], data.test[0]):
-        cache = cache_features(net, names, images, dtype=dtype, memory_limit=limit, **extract)
-        limit -= sum(len(c) * c.dim * c.dtype.itemsize for c in cache.values() if not c.on_disk)
-        caches.append(cache)
-    return caches[0], caches[1]
+    train, test = cache_feature_sets(net, [n for n, _ in chosen], [data.train[0], data.test[0]],
+                                     memory_limit=fit.memory_limit,
+                                     dtype=None if fit.readout is not None else torch.float32, **extract)
+    return train, test
 
 
 def _fit_cached(x: FeatureCache, xt: FeatureCache, data: _Data, fit: _Fit, device) -> Tuple[str, ProbeResult]:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -311,6 +311,36 @@ def cache_features(
             for name, feats in batch.items():
                 writers[name].write(feats)
         return {name: w.close() for name, w in writers.items()}
+
+
+def cache_feature_sets(
+    model: nn.Module,
+    layers: Targets,
+    image_sets: Sequence[torch.Tensor],
+    folders: Optional[Sequence[Optional[PathLike]]] = None,
+    memory_limit: Optional[float] = None,
+    dtype: Optional[torch.dtype] = None,
+    **options,
+) -> List[Dict[str, FeatureCache]]:
+    """:func:`cache_features` of each of ``image_sets`` (say the train and the test images) under one
+    ``memory_limit`` for them all. ``dtype=None``: float16, or float32 for every set when a feature of
+    any set exceeds float16's range (an untrained network without normalisation reaches 1e5; the
+    float16 pass is then given up and redone). ``folders``: where each set's disk part goes."""
+    folders = list(folders) if folders is not None else [None] * len(image_sets)
+    for attempt in ([torch.float16, torch.float32] if dtype is None else [dtype]):
+        limit = available_memory() * SAFETY_FRACTION if memory_limit is None else memory_limit
+        caches: List[Dict[str, FeatureCache]] = []
+        try:
+            for images, folder in zip(image_sets, folders):
+                cache = cache_features(model, layers, images, dtype=attempt, memory_limit=limit, folder=folder, **options)
+                limit -= sum(len(c) * c.dim * c.dtype.itemsize for c in cache.values() if not c.on_disk)
+                caches.append(cache)
+            return caches
+        except FeatureOverflowError:
+            if dtype is not None or attempt == torch.float32:
+                raise
+            caches.clear()  # dropping them frees memory and deletes their temporary files
+    raise AssertionError("unreachable")
 
 
 def as_cache(features: Union[FeatureCache, torch.Tensor]) -> FeatureCache:

@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .feature_cache import FeatureCache, PathLike, as_cache, cache_features
+from .feature_cache import FeatureCache, PathLike, as_cache, cache_feature_sets
 from .pooling import Pool
 from .result import ProbeResult
 from .ridge import RidgeAccumulator
@@ -330,14 +330,13 @@ def evaluate_paper_readout(
 ) -> Dict[str, ProbeResult]:
     """Each layer's accuracy under a paper's readout (a :data:`READOUTS` name, or a model name such as
     "softhebb" / "miconi2021" resolved by :func:`paper_readout_for`): the features of the frozen ``model``
-    are computed once per image set (float16 :class:`FeatureCache`, in memory or under ``folder``) and the
+    are computed once per image set (float16 :class:`FeatureCache`, float32 where a feature exceeds float16's
+    range, in memory or under ``folder``) and the
     readout is fitted on them; ``options`` go to the readout (e.g. epochs=..., device=...).
     ``layers`` defaults to the readout's layers for each block (:meth:`PaperReadout.layers`)."""
     spec = readout if isinstance(readout, PaperReadout) else READOUTS.get(readout) or paper_readout_for(readout)
     names = list(layers) if layers is not None else list(spec.layers(model).values())
-    common = dict(batch_size=batch_size, pool=spec.pool, device=device, mean=mean, std=std,
-                  memory_limit=memory_limit)
-    sub = lambda part: None if folder is None else f"{folder}/{part}"  # noqa: E731
-    train = cache_features(model, names, train_images, folder=sub("train"), **common)
-    test = cache_features(model, names, test_images, folder=sub("test"), **common)
+    folders = [None if folder is None else f"{folder}/{part}" for part in ("train", "test")]
+    train, test = cache_feature_sets(model, names, [train_images, test_images], folders, memory_limit=memory_limit,
+                                     batch_size=batch_size, pool=spec.pool, device=device, mean=mean, std=std)
     return {n: spec.fit(train[n], train_labels, test[n], test_labels, seed=seed, **options) for n in names}
