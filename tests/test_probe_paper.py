@@ -11,11 +11,9 @@ from torch import nn
 
 from hebbloss import models
 from hebbloss.data import ImageDataset
-from hebbloss.probe import evaluate, evaluate_paper_readout
+from hebbloss.probe import evaluate, evaluate_paper_readout, feature_cache
 from hebbloss.probe.baselines import random_copy
-from hebbloss.probe import feature_cache
 from hebbloss.probe.evaluate import RANDOM_SEED_OFFSET
-
 
 
 def dataset(channels=3, size=32, n_train=40, n_test=20, seed=0):

@@ -86,41 +86,21 @@ def hebbian_or_random(exp, args, variant: str, depth: int, seed: int):
 
 
 def api_baseline(exp, args, variant: str, depth: int, seed: int):
-    """The baselines read through the API rather than the command.
-
-    ``backprop``: the network re-initialised and trained end to end with a linear head
-    (hebbloss.probe.baselines.backprop_copy, Adam 1e-3, batch 128) for ``--backprop-epochs``, saved
-    (atomically) once trained; an interruption during training loses that training (the saved network is
-    reused afterwards). ``random``: the network as created (initial weights and BatchNorm statistics).
-    Either is then read by the paper readout on its last block like the Hebbian network."""
+    """The baselines read through the API rather than the command: ``random``, the network as created
+    (initial weights and BatchNorm statistics), and ``backprop`` (:func:`trained_by_backprop`); either
+    is then read by the paper readout on its last block like the Hebbian network."""
     import torch
 
     import hebbloss
-    from hebbloss import atomic
     from hebbloss.data import load_dataset
     from hebbloss.probe import evaluate_paper_readout
-    from hebbloss.probe.baselines import backprop_copy
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset, args.data_dir)
     model = hebbloss.models.create("softhebb", dataset=args.dataset.replace("-", ""), depth=depth, seed=seed)
     seconds = {}
-    folder = args.work / f"{args.dataset}-backprop-depth{depth}-seed{seed}-e{args.backprop_epochs}"
-    saved = folder / "backprop.pt"
-    if variant == "random":
-        pass
-    elif saved.exists():
-        state = torch.load(saved, map_location="cpu")
-        model.load_state_dict(state["model"])
-        seconds["backprop_training"] = state["seconds"]
-    else:
-        started = time.perf_counter()
-        model = backprop_copy(model, ds.train_images, ds.train_labels, len(ds.classes), epochs=args.backprop_epochs,
-                              lr=1e-3, seed=seed)
-        seconds["backprop_training"] = time.perf_counter() - started
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic.atomic_file(saved) as f:
-            torch.save({"model": model.state_dict(), "seconds": seconds["backprop_training"]}, f)
+    if variant == "backprop":
+        model, seconds["backprop_training"] = trained_by_backprop(model, ds, args, depth, seed)
     started = time.perf_counter()
     x, xt = ds.train_images.float() / 255, ds.test_images.float() / 255
     result = evaluate_paper_readout(model.eval(), "softhebb", x, ds.train_labels, xt, ds.test_labels,
@@ -141,6 +121,31 @@ def api_baseline(exp, args, variant: str, depth: int, seed: int):
     if args.readout_epochs:
         row["command"] += f" --readout-epochs {args.readout_epochs}"
     return [row]
+
+
+def trained_by_backprop(model, ds, args, depth: int, seed: int):
+    """(``model`` re-initialised and trained end to end with a linear head, its training seconds): by
+    hebbloss.probe.baselines.backprop_copy (Adam 1e-3, batch 128) for ``--backprop-epochs``, saved
+    (atomically) once trained and reused afterwards; an interruption during training loses that training."""
+    import torch
+
+    from hebbloss import atomic
+    from hebbloss.probe.baselines import backprop_copy
+
+    folder = args.work / f"{args.dataset}-backprop-depth{depth}-seed{seed}-e{args.backprop_epochs}"
+    saved = folder / "backprop.pt"
+    if saved.exists():
+        state = torch.load(saved, map_location="cpu")
+        model.load_state_dict(state["model"])
+        return model, state["seconds"]
+    started = time.perf_counter()
+    model = backprop_copy(model, ds.train_images, ds.train_labels, len(ds.classes), epochs=args.backprop_epochs,
+                          lr=1e-3, seed=seed)
+    seconds = time.perf_counter() - started
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_file(saved) as f:
+        torch.save({"model": model.state_dict(), "seconds": seconds}, f)
+    return model, seconds
 
 
 def main(argv=None) -> int:

@@ -331,8 +331,8 @@ def evaluate_paper_readout(
     """Each layer's accuracy under a paper's readout (a :data:`READOUTS` name, or a model name such as
     "softhebb" / "miconi2021" resolved by :func:`paper_readout_for`): the features of the frozen ``model``
     are computed once per image set (float16 :class:`FeatureCache`, float32 where a feature exceeds float16's
-    range, in memory or under ``folder``) and the
-    readout is fitted on them; ``options`` go to the readout (e.g. epochs=..., device=...).
+    range, in memory or under ``folder``) and the readout is fitted on them; ``options`` go to the readout
+    (e.g. epochs=..., device=...).
     ``layers`` defaults to the readout's layers for each block (:meth:`PaperReadout.layers`)."""
     spec = readout if isinstance(readout, PaperReadout) else READOUTS.get(readout) or paper_readout_for(readout)
     names = list(layers) if layers is not None else list(spec.layers(model).values())
