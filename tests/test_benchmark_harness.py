@@ -85,10 +85,7 @@ def test_generated_pages_match_the_committed_json():
     render_docs = _load("render_docs")
     root = BENCHMARKS.parent
     assert render_docs.render() == (root / "docs" / "benchmarks.md").read_text()
-    results = BENCHMARKS / "results"
-    page = render_docs.performance_page(json.loads((results / "speed.json").read_text()),
-                                        json.loads((results / "memory.json").read_text()))
-    assert page == (root / "docs" / "performance.md").read_text()
+    assert render_docs.performance_from_results() == (root / "docs" / "performance.md").read_text()
 
 
 def test_performance_page_says_when_there_are_no_gpu_figures():
@@ -97,3 +94,20 @@ def test_performance_page_says_when_there_are_no_gpu_figures():
     speed["runs"].pop("cuda", None)
     page = render_docs.performance_page(speed)
     assert "## GPU\n\nNo GPU figures yet" in page
+
+
+def test_epoch_section_states_the_overhead_of_the_command_over_its_bare_steps():
+    render_docs = _load("render_docs")
+    speed = json.loads((BENCHMARKS / "results" / "speed.json").read_text())
+    hardware = {"cpu": "test CPU", "cpu_cores": 2, "threads": 2, "torch": "x", "python": "y"}
+    epoch = {"model": "softhebb", "dataset": "cifar10", "batch": 10, "hardware": hardware, "images": 50000,
+             "steps": 5000, "bare_step_ms": 100.0, "bare_step_timed": {"warmup": 5, "repeat": 40},
+             "bare_steps_s": 500.0, "train_s": 560.0, "wall_s": 600.0, "train_over_bare_steps": 560.0 / 500.0,
+             "target_overhead": 0.1, "command": "hebbloss train ...",
+             "authors_code": {"model": "softhebb", "dataset": "cifar10", "batch": 10, "step_ms": 175.0,
+                              "epoch_s": 870.0, "source": "issue 13"}}
+    page = render_docs.performance_page(speed, None, epoch)
+    assert "| `hebbloss train`, training loop (results.json) | 560 | 5000 | 112.0 ms |" in page
+    assert "| the authors' code (issue 13) | 870 | | 175 ms |" in page
+    assert "The training loop adds +12.0 % to the bare steps (target: at most 10 %)." in page
+    assert page.index("One Hebbian epoch") < page.index("## GPU")
