@@ -76,3 +76,11 @@ def test_every_recorded_file_has_the_schema_and_cifar_numbers_say_jpeg():
 
 def test_results_page_is_generated_from_the_files():
     assert report.DOC.read_text() == report.render(), "docs/results.md is stale or hand-edited: run python benchmarks/render_docs.py"
+
+
+def test_a_row_note_is_listed_once_under_its_table():
+    record = {"experiment": "x", "paper": "p", "data": "CIFAR-10", "hardware": {}, "command": "c", "config": {},
+              "rows": [{**_row("plain", layer, 60.0, model="miconi2021"), "note": "resumed"} for layer in (1, 2, 3)]}
+    page = report.section(record)
+    assert page.count("- plain, seed 0: resumed") == 1
+    assert page.index("| plain | 3 |") < page.index("Notes on the runs:")

@@ -107,6 +107,9 @@ def section(record: dict) -> str:
         lines.append(f"| {variant}{extra} | {layer} | {readout} | {statistics.fmean(acc):.2f}{spread}{note} | "
                      f"{', '.join(str(r['seed']) for r in rs)} | {'-' if paper is None else paper} | "
                      f"{statistics.fmean(r['seconds'] for r in rs):.0f} | {phase_text} | `{rs[0]['command']}` |")
+    notes = sorted({f"{r['variant']}, seed {r['seed']}: {r['note']}" for r in rows if r.get("note")})
+    if notes:
+        lines += ["", "Notes on the runs:", "", *(f"- {n}" for n in notes)]
     model = rows[0]["model"] if rows else ""
     dataset = rows[0]["dataset"] if rows else ""
     targets = _miconi_targets(rows) if model == "miconi2021" else _softhebb_targets(dataset, rows) if model == "softhebb" else []
