@@ -262,7 +262,8 @@ def epoch_lines(record: dict) -> list:
              f"{record['train_s'] / record['steps'] * 1e3:.1f} ms |",
              f"| `hebbloss train`, whole command (with loading data and model) | {record['wall_s']:.0f} | | |"]
     if (ref["model"], ref["dataset"], ref["batch"]) == (record["model"], record["dataset"], record["batch"]):
-        lines.append(f"| the authors' code ({ref['source']}) | {ref['epoch_s']:.0f} | | {ref['step_ms']:.0f} ms |")
+        lines.append(f"| the authors' code ({ref['source']}; the hebbloss step then: {ref['hebbloss_step_ms_then']:.0f} ms, "
+                     f"{ref['hebbloss_step_ms_then'] / ref['step_ms']:.2f}x theirs) | {ref['epoch_s']:.0f} | | {ref['step_ms']:.0f} ms |")
     lines += ["", f"The training loop adds {100 * overhead:+.1f} % to the bare steps (target: at most "
               f"{100 * record['target_overhead']:.0f} %)" + (" on a subset of the data (a quick check)."
                                                              if record["images"] < 50000 else ".")]
