@@ -473,3 +473,16 @@ def test_library_messages_name_no_command_line_flag():
                 found += [f"{path.relative_to(root)}:{node.lineno}: {flag}" for flag in flags
                           if re.search(re.escape(flag) + r"(?![\w-])", node.value)]
     assert not found, found
+
+
+def test_training_seconds_add_up_over_an_interruption_and_resume(tmp_path):
+    part = tmp_path / "part"
+    args = [*TINY, "--epochs", "2", "--batch-size", "16", "--out", str(part)]
+    assert main(["train", *args, "--max-steps", "2"]) == 0
+    first = json.loads((part / "results.json").read_text())["train"]
+    saved = checkpoint.load(part / "checkpoint.pt")["progress"]["seconds"]
+    assert first["seconds"] == first["seconds_this_call"] and 0 < saved <= first["seconds"]
+    assert main(["train", "--resume", str(part), "--no-progress"]) == 0
+    second = json.loads((part / "results.json").read_text())["train"]
+    assert second["completed"] and second["seconds_this_call"] > 0
+    assert second["seconds"] == pytest.approx(saved + second["seconds_this_call"])

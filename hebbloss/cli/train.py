@@ -32,6 +32,7 @@ class TrainState:
     step_in_epoch: int = 0
     global_step: int = 0
     epoch_rng: Optional[torch.Tensor] = None  # the order generator's state at the start of the epoch
+    seconds: float = 0.0  # training time up to this state, over every call (0 from a checkpoint that predates it)
 
 
 class _StopFlag:
@@ -109,6 +110,7 @@ class _Run:
     losses: List[float] = field(default_factory=list)  # mean loss of each epoch run here (the last one maybe partial)
     done_here: int = 0
     started: float = field(default_factory=time.perf_counter)
+    seconds_before: float = 0.0  # training time of the earlier calls (the resumed state's)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -163,7 +165,16 @@ class _Run:
     def checkpoint_if_due(self, state: TrainState) -> None:
         """Save every ``checkpoint_every`` steps overall."""
         if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
-            self.save(state)
+            self.save_state(state)
+
+    def elapsed(self) -> float:
+        """Seconds of this call so far."""
+        return time.perf_counter() - self.started
+
+    def save_state(self, state: TrainState) -> None:
+        """``save(state)``, with the training time so far over every call."""
+        state.seconds = self.seconds_before + self.elapsed()
+        self.save(state)
 
     def epoch(self, state: TrainState, stop: _StopFlag) -> bool:
         """The rest of the current epoch, then a checkpoint; True when it stopped early (checkpoint written)."""
@@ -179,25 +190,27 @@ class _Run:
                 if state.step_in_epoch == self.steps_per_epoch:
                     break  # the end-of-epoch checkpoint below covers this step
                 if self.stopping(stop) or self.out_of_steps():
-                    self.save(state)
+                    self.save_state(state)
                     self.losses.append(total / count)
                     return True
                 self.checkpoint_if_due(state)
         if count:
             self.losses.append(total / count)
         state.epoch, state.step_in_epoch, state.epoch_rng = state.epoch + 1, 0, None
-        self.save(state)
+        self.save_state(state)
         return False
 
     def summary(self, completed: bool, state: TrainState, stopped: bool = False) -> Dict[str, Any]:
         """What :func:`run_training` returns."""
+        elapsed = self.elapsed()
         return {
             "completed": completed,
             "interrupted": stopped,
             "epoch": state.epoch,
             "global_step": state.global_step,
             "losses": self.losses,
-            "seconds": time.perf_counter() - self.started,
+            "seconds": self.seconds_before + elapsed,
+            "seconds_this_call": elapsed,
         }
 
 
@@ -232,10 +245,12 @@ def run_training(
     global batch, and every rank ends each step with the state one process would have.
 
     Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
-    "seconds"}.
+    "seconds": training time over every call (a resumed ``state`` carries the earlier calls'),
+    "seconds_this_call"}.
     """
     run = _Run(model, plastic, optimizer, images, prepare, epochs, batch_size, generator, save, checkpoint_every, max_steps,
-               after_step, warmup_steps, device, progress, check_name(augment), ranks or Ranks())
+               after_step, warmup_steps, device, progress, check_name(augment), ranks or Ranks(),
+               seconds_before=state.seconds)
     model.train()
     with _StopFlag() as stop:
         while state.epoch < epochs:
@@ -247,11 +262,12 @@ def run_training(
 def state_to_progress(state: TrainState) -> Dict[str, Any]:
     """The ``progress`` entry of a checkpoint."""
     return {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-            "epoch_rng": state.epoch_rng}
+            "epoch_rng": state.epoch_rng, "seconds": state.seconds}
 
 
 def progress_to_state(progress: Dict[str, Any]) -> TrainState:
-    return TrainState(progress["epoch"], progress["step_in_epoch"], progress["global_step"], progress.get("epoch_rng"))
+    return TrainState(progress["epoch"], progress["step_in_epoch"], progress["global_step"], progress.get("epoch_rng"),
+                      float(progress.get("seconds", 0.0)))
 
 
 def save_checkpoint(path: Path, model, plastic, optimizer, generator, state: TrainState, config: Dict[str, Any],
