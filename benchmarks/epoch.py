@@ -9,15 +9,22 @@ the other:
 - the epoch: `hebbloss train --model MODEL --dataset DATASET --epochs 1` in a subprocess, its
   training-loop seconds (results.json) and its wall time (with loading the data and the model).
 
-Writes benchmarks/results/epoch.json; `python benchmarks/render_docs.py` puts it in
-docs/performance.md beside SoftHebb's own code as measured for issue 13 on this machine.
+With ``--authors-demo PATH/demo.py`` (SoftHebb's own single-file script, from
+github.com/NeuromorphicComputing/SoftHebb; not part of hebbloss), its unsupervised step (forward under
+no_grad computing the update, its TensorLRSGD step, its norm-dependent learning rates) is timed
+alternately with the bare step, so the two share the machine's load; without it the figure of issue 13
+(measured on another day) is shown, with the hebbloss step of that day beside it.
 
-    python benchmarks/epoch.py --data-dir ../shared/datasets --threads 2
+Writes benchmarks/results/epoch.json; `python benchmarks/render_docs.py` puts it in
+docs/performance.md.
+
+    python benchmarks/epoch.py --data-dir ../shared/datasets --threads 2 --authors-demo SoftHebb/demo.py
     python benchmarks/epoch.py --data-dir ../shared/datasets --limit 200   # a quick check (20 steps)
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Dict
 
 import torch
 
@@ -45,17 +53,48 @@ AUTHORS_CODE = {"model": "softhebb", "dataset": "cifar10", "batch": 10, "step_ms
 TARGET_OVERHEAD = 0.10  # issue 13: `hebbloss train` adds at most 10 % to the bare step time
 
 
-def bare_step_seconds(model: str, batch: int, warmup: int, repeat: int) -> float:
-    """Median wall time of one Hebbian step of ``model`` at ``batch`` (32x32 inputs), in this process."""
-    step = harness.build_step("hebbian", model, batch, 32)
-    for _ in range(warmup):
-        step()
-    times = []
+def authors_step(demo_path: Path, batch: int) -> Callable[[], None]:
+    """One unsupervised step of SoftHebb's demo.py (its DeepSoftHebb, TensorLRSGD and WeightNormDependentLR,
+    set up as its main block does), on a random batch of 32x32 images, as a callable (its optimizer as
+    ``step.optimizer``)."""
+    spec = importlib.util.spec_from_file_location("softhebb_demo", demo_path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    torch.manual_seed(0)
+    model = demo.DeepSoftHebb().train()
+    optimizer = demo.TensorLRSGD([{"params": model.conv1.parameters(), "lr": -0.08},
+                                  {"params": model.conv2.parameters(), "lr": -0.005},
+                                  {"params": model.conv3.parameters(), "lr": -0.01}], lr=0)
+    # Its scheduler's get_lr() is called directly: current torch no longer takes the `verbose` argument its
+    # __init__ passes and fills tensor learning rates in place, so the scheduler object cannot be built as is.
+    schedule = demo.WeightNormDependentLR.__new__(demo.WeightNormDependentLR)
+    schedule.optimizer, schedule.power_lr, schedule._get_lr_called_within_step = optimizer, 0.5, True
+    schedule.initial_lr_groups = [group["lr"] for group in optimizer.param_groups]
+    x = torch.rand(batch, 3, 32, 32)
+
+    def step():
+        optimizer.zero_grad()
+        with torch.no_grad():
+            model(x)
+        optimizer.step()
+        for group, lr in zip(optimizer.param_groups, schedule.get_lr()):
+            group["lr"] = lr
+    step.optimizer = optimizer
+    return step
+
+
+def median_step_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeat: int) -> Dict[str, float]:
+    """Median wall time of each step, the steps timed round-robin in this process."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def train_epoch(model: str, dataset: str, data_dir: Path, batch: int, threads: int, limit) -> dict:
@@ -87,15 +126,33 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=40)
     p.add_argument("--limit", type=int, default=None, help="train on N images only (a quick check; not recorded "
                    "unless --out is given)")
+    p.add_argument("--authors-demo", type=Path, default=None, help="SoftHebb's demo.py: time its step beside ours "
+                   "(softhebb at 32x32 only)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON to write (default {RESULTS.relative_to(ROOT)})")
     args = p.parse_args(argv)
     if not (args.data_dir / args.dataset).exists():
         sys.exit(f"epoch.py: no {args.dataset} under {args.data_dir}; pass --data-dir (see docs/datasets.md)")
+    if args.authors_demo is not None and args.model != "softhebb":
+        sys.exit("epoch.py: --authors-demo is SoftHebb's demo.py; it goes with --model softhebb")
+    if args.authors_demo is not None and not args.authors_demo.is_file():
+        sys.exit(f"epoch.py: no file {args.authors_demo}; pass the path of SoftHebb's demo.py")
     torch.set_num_threads(args.threads)
-    step_s = bare_step_seconds(args.model, args.batch, args.warmup, args.repeat)
-    print(f"bare Hebbian step of {args.model} at batch {args.batch}: {step_s * 1e3:.1f} ms", flush=True)
+    steps = {"hebbloss": harness.build_step("hebbian", args.model, args.batch, 32)}
+    if args.authors_demo is not None:
+        steps["authors"] = authors_step(args.authors_demo, args.batch)
+    medians = median_step_seconds(steps, args.warmup, args.repeat)
+    step_s = medians["hebbloss"]
+    print(" ".join(f"{name} step {s * 1e3:.1f} ms" for name, s in medians.items()) + f" ({args.model}, batch "
+          f"{args.batch})", flush=True)
+    authors = AUTHORS_CODE
+    if "authors" in medians:
+        authors = {"model": "softhebb", "dataset": args.dataset, "batch": args.batch, "measured": True,
+                   "step_ms": round(medians["authors"] * 1e3, 2),
+                   "source": "SoftHebb's demo.py, its unsupervised step timed round-robin with the bare hebbloss step"}
     epoch = train_epoch(args.model, args.dataset, args.data_dir, args.batch, args.threads, args.limit)
     bare_epoch = step_s * epoch["steps"]
+    if "authors" in medians:
+        authors["steps_s"] = round(medians["authors"] * epoch["steps"], 1)
     record = {
         "benchmark": "epoch", "model": args.model, "dataset": args.dataset, "batch": args.batch,
         "hardware": {**harness.hardware("cpu"), "threads": args.threads},
@@ -103,7 +160,7 @@ def main(argv=None) -> int:
         "bare_step_ms": round(step_s * 1e3, 2), "bare_step_timed": {"warmup": args.warmup, "repeat": args.repeat},
         "bare_steps_s": round(bare_epoch, 1), "train_s": round(epoch["train_s"], 1), "wall_s": round(epoch["wall_s"], 1),
         "train_over_bare_steps": round(epoch["train_s"] / bare_epoch, 3), "target_overhead": TARGET_OVERHEAD,
-        "command": epoch["command"], "authors_code": AUTHORS_CODE,
+        "command": epoch["command"], "authors_code": authors,
     }
     print(json.dumps(record, indent=1))
     out = args.out or (None if args.limit else RESULTS)

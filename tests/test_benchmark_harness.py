@@ -111,3 +111,56 @@ def test_epoch_section_states_the_overhead_of_the_command_over_its_bare_steps():
     assert "| the authors' code (issue 13; the hebbloss step then: 158 ms, 0.90x theirs) | 870 | | 175 ms |" in page
     assert "The training loop adds +12.0 % to the bare steps (target: at most 10 %)." in page
     assert page.index("One Hebbian epoch") < page.index("## GPU")
+
+
+def test_epoch_section_sets_a_measured_authors_step_beside_ours():
+    render_docs = _load("render_docs")
+    speed = json.loads((BENCHMARKS / "results" / "speed.json").read_text())
+    hardware = {"cpu": "test CPU", "cpu_cores": 2, "threads": 2, "torch": "x", "python": "y"}
+    epoch = {"model": "softhebb", "dataset": "cifar10", "batch": 10, "hardware": hardware, "images": 50000,
+             "steps": 5000, "bare_step_ms": 100.0, "bare_step_timed": {"warmup": 5, "repeat": 40},
+             "bare_steps_s": 500.0, "train_s": 550.0, "wall_s": 600.0, "train_over_bare_steps": 1.1,
+             "target_overhead": 0.1, "command": "hebbloss train ...",
+             "authors_code": {"model": "softhebb", "dataset": "cifar10", "batch": 10, "measured": True,
+                              "step_ms": 125.0, "steps_s": 625.0, "source": "demo.py"}}
+    page = render_docs.performance_page(speed, None, epoch)
+    assert "step x steps (timed round-robin with the bare step) | 625 | 5000 | 125.0 ms |" in page
+    assert "The bare hebbloss step is 0.80x the authors' step; the training loop's epoch is 0.88x" in page
+
+
+FAKE_DEMO = '''
+import torch
+from torch import nn, optim
+
+class DeepSoftHebb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(3, 2, 1) for _ in range(3))
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2, self.conv3):
+            conv.weight.grad = torch.ones_like(conv.weight)
+        return x
+
+class TensorLRSGD(optim.SGD):
+    pass
+
+class WeightNormDependentLR:
+    def __init__(self, *args):
+        raise TypeError("built through __init__")
+    def get_lr(self):
+        return [group_lr * 2 for group_lr in self.initial_lr_groups]
+'''
+
+
+def test_the_authors_step_runs_their_classes_and_applies_their_learning_rates(tmp_path):
+    epoch = _load("epoch")
+    demo = tmp_path / "demo.py"
+    demo.write_text(FAKE_DEMO)
+    step = epoch.authors_step(demo, 2)
+    step()
+    step()  # the second step uses the learning rates the first one set: each group's initial lr x 2
+    assert [group["lr"] for group in step.optimizer.param_groups] == [-0.16, -0.01, -0.02]
+    conv1 = step.optimizer.param_groups[0]["params"][0]
+    torch.manual_seed(0)
+    initial = nn.Conv2d(3, 2, 1).weight  # the fake network's first layer, built from the same seed
+    torch.testing.assert_close(conv1.detach(), initial.detach() + 0.08 + 0.16)  # SGD with lr < 0 on a grad of ones
