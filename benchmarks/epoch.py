@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
@@ -83,20 +83,6 @@ def authors_step(demo_path: Path, batch: int) -> Callable[[], None]:
     return step
 
 
-def median_step_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeat: int) -> Dict[str, float]:
-    """Median wall time of each step, the steps timed round-robin in this process."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
 def train_epoch(model: str, dataset: str, data_dir: Path, batch: int, threads: int, limit) -> dict:
     """`hebbloss train` for one epoch in a subprocess: {"train_s", "wall_s", "steps", "command"}."""
     args = ["train", "--model", model, "--dataset", dataset, "--data-dir", str(data_dir), "--epochs", "1",
@@ -140,19 +126,17 @@ def main(argv=None) -> int:
     steps = {"hebbloss": harness.build_step("hebbian", args.model, args.batch, 32)}
     if args.authors_demo is not None:
         steps["authors"] = authors_step(args.authors_demo, args.batch)
-    medians = median_step_seconds(steps, args.warmup, args.repeat)
+    medians = harness.interleaved_medians(steps, args.warmup, args.repeat, "cpu")
     step_s = medians["hebbloss"]
     print(" ".join(f"{name} step {s * 1e3:.1f} ms" for name, s in medians.items()) + f" ({args.model}, batch "
           f"{args.batch})", flush=True)
+    epoch = train_epoch(args.model, args.dataset, args.data_dir, args.batch, args.threads, args.limit)
+    bare_epoch = step_s * epoch["steps"]
     authors = AUTHORS_CODE
     if "authors" in medians:
         authors = {"model": "softhebb", "dataset": args.dataset, "batch": args.batch, "measured": True,
-                   "step_ms": round(medians["authors"] * 1e3, 2),
+                   "step_ms": round(medians["authors"] * 1e3, 2), "steps_s": round(medians["authors"] * epoch["steps"], 1),
                    "source": "SoftHebb's demo.py, its unsupervised step timed round-robin with the bare hebbloss step"}
-    epoch = train_epoch(args.model, args.dataset, args.data_dir, args.batch, args.threads, args.limit)
-    bare_epoch = step_s * epoch["steps"]
-    if "authors" in medians:
-        authors["steps_s"] = round(medians["authors"] * epoch["steps"], 1)
     record = {
         "benchmark": "epoch", "model": args.model, "dataset": args.dataset, "batch": args.batch,
         "hardware": {**harness.hardware("cpu"), "threads": args.threads},

@@ -262,7 +262,8 @@ def epoch_lines(record: dict) -> list:
              f"{record['train_s'] / record['steps'] * 1e3:.1f} ms |",
              f"| `hebbloss train`, whole command (with loading data and model) | {record['wall_s']:.0f} | | |"]
     same = (ref["model"], ref["dataset"], ref["batch"]) == (record["model"], record["dataset"], record["batch"])
-    if same and ref.get("measured"):
+    measured = same and ref.get("measured")
+    if measured:
         lines.append(f"| the authors' code: SoftHebb's demo.py step x steps "
                      f"(timed round-robin with the bare step) | {ref['steps_s']:.0f} | {record['steps']} "
                      f"| {ref['step_ms']:.1f} ms |")
@@ -272,7 +273,7 @@ def epoch_lines(record: dict) -> list:
     lines += ["", f"The training loop adds {100 * overhead:+.1f} % to the bare steps (target: at most "
               f"{100 * record['target_overhead']:.0f} %)" + (" on a subset of the data (a quick check)."
                                                              if record["images"] < 50000 else ".")]
-    if same and ref.get("measured"):
+    if measured:
         lines += ["", f"The bare hebbloss step is {record['bare_step_ms'] / ref['step_ms']:.2f}x the authors' step; the "
                   f"training loop's epoch is {record['train_s'] / ref['steps_s']:.2f}x the authors' steps alone."]
     return lines

@@ -96,17 +96,22 @@ def test_performance_page_says_when_there_are_no_gpu_figures():
     assert "## GPU\n\nNo GPU figures yet" in page
 
 
-def test_epoch_section_states_the_overhead_of_the_command_over_its_bare_steps():
+def _epoch_page(train_s, authors_code):
+    """docs/performance.md made from the committed speed.json and an epoch record of 5,000 steps of 100 ms
+    whose training loop took ``train_s``, beside ``authors_code``."""
     render_docs = _load("render_docs")
     speed = json.loads((BENCHMARKS / "results" / "speed.json").read_text())
     hardware = {"cpu": "test CPU", "cpu_cores": 2, "threads": 2, "torch": "x", "python": "y"}
     epoch = {"model": "softhebb", "dataset": "cifar10", "batch": 10, "hardware": hardware, "images": 50000,
              "steps": 5000, "bare_step_ms": 100.0, "bare_step_timed": {"warmup": 5, "repeat": 40},
-             "bare_steps_s": 500.0, "train_s": 560.0, "wall_s": 600.0, "train_over_bare_steps": 560.0 / 500.0,
-             "target_overhead": 0.1, "command": "hebbloss train ...",
-             "authors_code": {"model": "softhebb", "dataset": "cifar10", "batch": 10, "step_ms": 175.0,
-                              "epoch_s": 870.0, "hebbloss_step_ms_then": 158.0, "source": "issue 13"}}
-    page = render_docs.performance_page(speed, None, epoch)
+             "bare_steps_s": 500.0, "train_s": train_s, "wall_s": 600.0, "train_over_bare_steps": train_s / 500.0,
+             "target_overhead": 0.1, "command": "hebbloss train ...", "authors_code": authors_code}
+    return render_docs.performance_page(speed, None, epoch)
+
+
+def test_epoch_section_states_the_overhead_of_the_command_over_its_bare_steps():
+    page = _epoch_page(560.0, {"model": "softhebb", "dataset": "cifar10", "batch": 10, "step_ms": 175.0,
+                               "epoch_s": 870.0, "hebbloss_step_ms_then": 158.0, "source": "issue 13"})
     assert "| `hebbloss train`, training loop (results.json) | 560 | 5000 | 112.0 ms |" in page
     assert "| the authors' code (issue 13; the hebbloss step then: 158 ms, 0.90x theirs) | 870 | | 175 ms |" in page
     assert "The training loop adds +12.0 % to the bare steps (target: at most 10 %)." in page
@@ -114,16 +119,8 @@ def test_epoch_section_states_the_overhead_of_the_command_over_its_bare_steps():
 
 
 def test_epoch_section_sets_a_measured_authors_step_beside_ours():
-    render_docs = _load("render_docs")
-    speed = json.loads((BENCHMARKS / "results" / "speed.json").read_text())
-    hardware = {"cpu": "test CPU", "cpu_cores": 2, "threads": 2, "torch": "x", "python": "y"}
-    epoch = {"model": "softhebb", "dataset": "cifar10", "batch": 10, "hardware": hardware, "images": 50000,
-             "steps": 5000, "bare_step_ms": 100.0, "bare_step_timed": {"warmup": 5, "repeat": 40},
-             "bare_steps_s": 500.0, "train_s": 550.0, "wall_s": 600.0, "train_over_bare_steps": 1.1,
-             "target_overhead": 0.1, "command": "hebbloss train ...",
-             "authors_code": {"model": "softhebb", "dataset": "cifar10", "batch": 10, "measured": True,
-                              "step_ms": 125.0, "steps_s": 625.0, "source": "demo.py"}}
-    page = render_docs.performance_page(speed, None, epoch)
+    page = _epoch_page(550.0, {"model": "softhebb", "dataset": "cifar10", "batch": 10, "measured": True,
+                               "step_ms": 125.0, "steps_s": 625.0, "source": "demo.py"})
     assert "step x steps (timed round-robin with the bare step) | 625 | 5000 | 125.0 ms |" in page
     assert "The bare hebbloss step is 0.80x the authors' step; the training loop's epoch is 0.88x" in page
 
