@@ -128,7 +128,7 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
     results, docs = tmp_path / "r.json", tmp_path / "feedback.md"
     results.write_text(json.dumps(data))
     docs.write_text(f"# Page\n\nabove\n\n{bench.BEGIN}\nold\n{bench.END}\n\nbelow\n")
-    block = bench.render_docs(results, docs)
+    block = bench.render_docs(results, docs, short_path=None)
     text = docs.read_text()
     assert text.startswith("# Page\n\nabove\n\n") and text.endswith("\n\nbelow\n") and "old" not in text
     assert "| bp | 15.0 | 10.0 | 9.0 | 8.63 |" in block
@@ -139,3 +139,32 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
     assert "fa 30.0 -> 35.0, bp 15.0 -> 9.0 from ResNet-8 to ResNet-32, met." in block
     assert "- untied within 3 points of tied on amit2019-deep_s under urfb (Amit 2019): +4.5 points, missed by 1.5." in block
     assert "All 50,000 training images, but 8 epochs" in block and "short schedule" not in block
+
+
+def test_a_partial_full_data_table_marks_the_runs_not_yet_run_and_keeps_the_short_schedule_below(bench, tmp_path):
+    def schedule(images, short):
+        return {"epochs": 4, "train_subset": 0 if not short else images, "train_images": images, "test_images": 10000,
+                "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "augment": True, "seed": 0, "short": short}
+
+    def payload(images, short, runs):
+        return {"schedule": schedule(images, short), "device": "cpu", "date": "d", "torch": "t", "dataset": "CIFAR-10",
+                "published": {"source": "BioTorch", "errors": {}},
+                "runs": [{"mode": m, "depth": d, "variant": "tied", "net": "resnet", "test_error": e} for m, d, e in runs]}
+
+    full, short, docs = tmp_path / "full.json", tmp_path / "short.json", tmp_path / "feedback.md"
+    full.write_text(json.dumps(payload(50000, False, [("bp", 20, 20.0), ("usf", 20, 22.0)])))
+    short.write_text(json.dumps(payload(20000, True, [("bp", 20, 33.0), ("fa", 8, 61.5)])))
+    docs.write_text(f"{bench.BEGIN}\n{bench.END}\n")
+    block = bench.render_docs(full, docs, short_path=short)
+    head, tail = block.split("### The earlier short schedule")
+    # the protocol: 7 modes at ResNet-20, bp and fa at 8 and 32, Amit's net tied and untied = 13 runs
+    assert "2 of 13 runs recorded so far" in head
+    assert "| bp | *pending* | 20.0 | *pending* |" in head and "| usf | - | 22.0 | - |" in head
+    assert "| brsf | - | *pending* | - |" in head and "| amit2019-deep_s | *pending* | *pending* |" in head
+    assert "- usf within 3 points of bp at ResNet-20 (Moskovitz et al. 2018): +2.0 points, met." in head
+    assert "**This is a short schedule**" in tail and "pending" not in tail
+    assert "| bp | - | 33.0 |" in tail and "| fa | 61.5 | - |" in tail
+    # before any full-data run, the page says so and still shows the short schedule
+    full.unlink()
+    block = bench.render_docs(full, docs, short_path=short)
+    assert "No full-data run recorded yet" in block and "| fa | 61.5 | - |" in block
