@@ -101,13 +101,15 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, stop_after):
     part = tmp_path / "part"
     assert main(["train", *args, "--out", str(part), "--max-steps", str(stop_after)]) == 0
     assert checkpoint.load(part / "checkpoint.pt")["progress"]["global_step"] == stop_after
+    (part / "results.json").unlink()  # as if the first call had been killed after its checkpoint
     torch.manual_seed(1234)  # the resumed run must not depend on the state left behind
     assert main(["train", "--resume", str(part), "--no-progress"]) == 0
     assert_same_weights(final_weights(part), final_weights(tmp_path / "whole"))
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())["train"]
     resumed = json.loads((part / "results.json").read_text())["train"]
     assert resumed["completed"] and resumed["global_step"] == whole["global_step"] == 6
-    assert len(resumed["losses"]) == 2
+    # each epoch's mean loss covers all its steps, those of the first call included (kept in the checkpoint)
+    assert len(whole["losses"]) == 2 and resumed["losses"] == pytest.approx(whole["losses"], rel=1e-12)
 
 
 @pytest.mark.parametrize("extra", [

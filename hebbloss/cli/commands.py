@@ -183,7 +183,6 @@ def _train(args, then_probe: bool, ranks: distributed.Ranks) -> int:
             progress = checkpoint.restore_training_state(saved, built.model, built.plastic, built.optimizer, generator, path=ckpt_path)
             state = progress_to_state(progress)
         prepare = _preprocess(cfg, ds, saved, ckpt_path, built.zca)
-        start_epoch = state.epoch
         epochs = int(cfg["epochs"]) if cfg.get("epochs") is not None else built.epochs
         if cfg.get("max_steps") is not None and int(cfg["max_steps"]) < 1:
             raise ConfigError(f"--max-steps {cfg['max_steps']}: must be a positive number of steps")
@@ -222,8 +221,6 @@ def _train(args, then_probe: bool, ranks: distributed.Ranks) -> int:
     ranks.close()  # what follows (report, probe) is rank 0's alone
     if not ranks.main:
         return 130 if summary["interrupted"] else 0
-    previous = report.read_results(folder).get("train", {})
-    summary["losses"] = list(previous.get("losses", []))[:start_epoch] + summary["losses"]  # mean loss per epoch
     report.update_results(folder, hebbloss_version=__version__, config=cfg, dataset=_describe(ds),
                           model={"name": cfg.get("model") or build.default_model(), **built.description},
                           train={**summary, "epochs": epochs, "checkpoint": CHECKPOINT}, world_size=ranks.world_size)

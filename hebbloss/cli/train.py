@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,8 @@ class TrainState:
     global_step: int = 0
     epoch_rng: Optional[torch.Tensor] = None  # the order generator's state at the start of the epoch
     seconds: float = 0.0  # training time up to this state, over every call (0 from a checkpoint that predates it)
+    losses: List[Optional[float]] = field(default_factory=list)  # mean loss of each completed epoch, over every call
+    epoch_loss: Tuple[float, int] = (0.0, 0)  # sum of the current epoch's step losses so far, and their number
 
 
 class _StopFlag:
@@ -107,7 +109,6 @@ class _Run:
     augment: Optional[str] = None  # the recipe's training augmentation (hebbloss.data.augment), e.g. "hflip"
     ranks: Ranks = field(default_factory=Ranks)  # data parallel: this process's share of each batch
     stop_agreed: bool = False  # data parallel: some rank asked to stop (all ranks stop at the same step)
-    losses: List[float] = field(default_factory=list)  # mean loss of each epoch run here (the last one maybe partial)
     done_here: int = 0
     started: float = field(default_factory=time.perf_counter)
     seconds_before: float = 0.0  # training time of the earlier calls (the resumed state's)
@@ -180,7 +181,7 @@ class _Run:
         """The rest of the current epoch, then a checkpoint; True when it stopped early (checkpoint written)."""
         order = self.epoch_order(state)
         flips = self.epoch_flips()
-        total, count = 0.0, 0
+        total, count = state.epoch_loss if state.step_in_epoch else (0.0, 0)
         bar = tqdm(range(state.step_in_epoch, self.steps_per_epoch), desc=f"epoch {state.epoch + 1}/{self.epochs}",
                    disable=not self.progress, leave=False, unit="batch", mininterval=1.0)
         with bar:
@@ -189,14 +190,13 @@ class _Run:
                 bar.set_postfix(loss=f"{total / count:.4g}")
                 if state.step_in_epoch == self.steps_per_epoch:
                     break  # the end-of-epoch checkpoint below covers this step
+                state.epoch_loss = (total, count)
                 if self.stopping(stop) or self.out_of_steps():
                     self.save_state(state)
-                    self.losses.append(total / count)
                     return True
                 self.checkpoint_if_due(state)
-        if count:
-            self.losses.append(total / count)
-        state.epoch, state.step_in_epoch, state.epoch_rng = state.epoch + 1, 0, None
+        state.losses = state.losses + [total / count if count else None]
+        state.epoch, state.step_in_epoch, state.epoch_rng, state.epoch_loss = state.epoch + 1, 0, None, (0.0, 0)
         self.save_state(state)
         return False
 
@@ -208,7 +208,7 @@ class _Run:
             "interrupted": stopped,
             "epoch": state.epoch,
             "global_step": state.global_step,
-            "losses": self.losses,
+            "losses": state.losses + ([state.epoch_loss[0] / state.epoch_loss[1]] if state.step_in_epoch else []),
             "seconds": self.seconds_before + elapsed,
             "seconds_this_call": elapsed,
         }
@@ -244,7 +244,9 @@ def run_training(
     process's place in a data-parallel job (``hebbloss.cli.distributed``); ``batch_size`` is then the
     global batch, and every rank ends each step with the state one process would have.
 
-    Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss per epoch run here,
+    Returns {"completed": bool, "global_step", "epoch", "losses": mean surrogate loss of each epoch over every
+    call (a resumed ``state`` carries the earlier epochs' and the current epoch's sum so far; the last entry covers
+    the steps done so far when it stopped mid-epoch; None for an epoch before a checkpoint that predates this),
     "seconds": training time over every call (a resumed ``state`` carries the earlier calls'),
     "seconds_this_call"}.
     """
@@ -262,12 +264,16 @@ def run_training(
 def state_to_progress(state: TrainState) -> Dict[str, Any]:
     """The ``progress`` entry of a checkpoint."""
     return {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-            "epoch_rng": state.epoch_rng, "seconds": state.seconds}
+            "epoch_rng": state.epoch_rng, "seconds": state.seconds, "losses": list(state.losses),
+            "epoch_loss": list(state.epoch_loss)}
 
 
 def progress_to_state(progress: Dict[str, Any]) -> TrainState:
-    return TrainState(progress["epoch"], progress["step_in_epoch"], progress["global_step"], progress.get("epoch_rng"),
-                      float(progress.get("seconds", 0.0)))
+    epoch = progress["epoch"]
+    total, count = progress.get("epoch_loss", (0.0, 0))
+    return TrainState(epoch, progress["step_in_epoch"], progress["global_step"], progress.get("epoch_rng"),
+                      float(progress.get("seconds", 0.0)), list(progress.get("losses", [None] * epoch)),
+                      (float(total), int(count)))
 
 
 def save_checkpoint(path: Path, model, plastic, optimizer, generator, state: TrainState, config: Dict[str, Any],
