@@ -90,7 +90,10 @@ def param_groups(plastic: LayersLike, lr: Rate, layer_lr: Optional[Mapping[str, 
 
 
 # -------------------------------------------------------------- SoftHebb learning-rate scaling
-def maxabs_normalize(grads: List[torch.Tensor], eps: float = 1e-30) -> List[torch.Tensor]:
+MAXABS_EPS = 1e-30  # added to the max-abs entry before dividing by it
+
+
+def maxabs_normalize(grads: List[torch.Tensor], eps: float = MAXABS_EPS) -> List[torch.Tensor]:
     """The tensors divided by the largest absolute entry among all of them (Journe et al. 2023)."""
     peak = torch.stack([g.abs().amax() for g in grads]).amax()
     return [g / (peak + eps) for g in grads]
@@ -113,18 +116,20 @@ class UpdateScaling:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Normalise and scale the gradients now (what the hook does before each step)."""
+        """Normalise and scale the gradients now (what the hook does before each step): per layer,
+        grad * rate_c / peak, with the max-abs ``peak`` folded into the per-unit rate so that each
+        gradient is read twice (its peak, then one in-place multiply) and nothing gradient-sized is
+        allocated; equal to :func:`maxabs_normalize` then the rate, up to float rounding."""
         for module in self.layers.values():
             params = [p for p in layers.plastic_parameters(module) if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if self.normalize:
-                grads = maxabs_normalize(grads)
             rate = norm_rate(units.unit_norms(module), self.power)
-            for p, g in zip(params, grads):
-                scale = units.per_unit(module, rate) if p.dim() > 1 else rate.to(g)
-                p.grad.copy_(g * scale)
+            if self.normalize:
+                peak = torch.stack([torch.linalg.vector_norm(p.grad, ord=math.inf) for p in params]).amax()
+                rate = rate / (peak.to(rate) + MAXABS_EPS)
+            for p in params:
+                p.grad.mul_(units.per_unit(module, rate) if p.dim() > 1 else rate.to(p.grad))
 
     def _before_step(self, optimizer, args, kwargs):
         self.apply()
