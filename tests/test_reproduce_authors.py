@@ -38,6 +38,10 @@ def collect(ds):
     images, labels = zip(*[ds[i] for i in range(len(ds))])
     labels = np.array(labels)
     onehot = np.eye(10)[labels]
+    kept = torch.zeros(4)
+    view = kept[:2].cpu().numpy()
+    kept.add_(1.0)  # on the CPU the array is a view of the tensor unless copied (his GPU run copied)
+    assert view.tolist() == [0.0, 0.0]
     return [onehot], [np.ones((len(labels), 3))], [np.stack([im.mean().numpy() for im in images])[:, None, None, None]], [labels]
 trainoutsq_l1, trainoutsq_l2, trainouts, traintargets = collect(trainset)
 testoutsq_l1, testoutsq_l2, testouts, testtargets = collect(testset)
@@ -75,6 +79,7 @@ def test_the_notebook_runs_on_the_jpeg_tree_and_his_readout_is_recorded_per_laye
     assert sorted(p.name for p in (root / "train").iterdir()) == ["airplane", "automobile"]
     patched = authors.patch(authors.training_cell(notebook), root / "train", root / "test", 3, notebook)
     assert "NBLEARNINGEPOCHS = 3" in patched and "symeig" not in patched and "CIFAR10(" not in patched
+    assert patched.count(".cpu().numpy().copy()") == 1 and ".cpu().numpy()\n" not in patched
     namespace = authors.run_cell(patched, threads=1)
     assert namespace["DATASET_TYPE"] == "ImageFolder" and namespace["NBLEARNINGEPOCHS"] == 3
     assert len(namespace["traintargets"][0]) == 6 and len(namespace["testtargets"][0]) == 4

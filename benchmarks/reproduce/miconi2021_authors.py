@@ -18,7 +18,11 @@ the flattened last layer (``trainouts``). Changes to his code, each checked to a
   ``torchvision.datasets.ImageFolder`` on the extracted JPEG tree (the same class order: alphabetical);
 - ``torch.symeig(covt, eigenvectors=True)`` (removed from torch) becomes ``torch.linalg.eigh(covt)``, the
   same decomposition of his symmetric covariance matrix;
-- ``NBLEARNINGEPOCHS = 20`` takes ``--epochs`` (20 by default).
+- ``NBLEARNINGEPOCHS = 20`` takes ``--epochs`` (20 by default);
+- every ``.cpu().numpy()`` becomes ``.cpu().numpy().copy()``: on his GPU ``.cpu()`` copied, on the CPU it
+  returns the tensor itself, so the array of a slice kept the whole batch's activations alive (the firing
+  records of every batch: over 20 GiB within the first epoch) and showed later in-place changes; the copy
+  stores what his GPU run stored.
 
 His code draws no fixed seed; a row's ``seed`` is the run's index. It runs on CPU here in the time of our
 own 20 epochs or more (about an hour and a half on 2 cores); on a GPU it takes minutes.
@@ -49,6 +53,7 @@ VARIANT = "authors-code"  # his notebook as committed: triangle + pruning (0, 0.
 DATASET_CALL = re.compile(r"torchvision\.datasets\.CIFAR10\(\s*root='\./data',\s*train=(True|False),\s*download=True,\s*transform=")
 EIGEN = ("torch.symeig(covt, eigenvectors=True)", "torch.linalg.eigh(covt)")
 EPOCHS = "NBLEARNINGEPOCHS = 20"
+TO_NUMPY = (".cpu().numpy()", ".cpu().numpy().copy()")
 # layer -> (train features, test features) as his training cell names them
 FEATURES = {1: ("trainoutsq_l1", "testoutsq_l1"), 2: ("trainoutsq_l2", "testoutsq_l2"), 3: ("trainouts", "testouts")}
 
@@ -79,7 +84,9 @@ def patch(source: str, train_dir: Path, test_dir: Path, epochs: int, notebook: P
         if source.count(old) != 1:
             raise SystemExit(f"{notebook}: expected {old!r} once in its training cell, found it {source.count(old)} times")
         source = source.replace(old, new)
-    return source
+    if TO_NUMPY[0] not in source:
+        raise SystemExit(f"{notebook}: no {TO_NUMPY[0]!r} in its training cell; this script knows the notebook as committed in 2021")
+    return source.replace(*TO_NUMPY)
 
 
 def image_tree(data_dir: Path, work: Path, per_class: Optional[int] = None) -> Path:
@@ -162,7 +169,8 @@ def main(argv=None) -> int:
         "hardware": ledger.hardware(args.threads), "command": command,
         "config": {"code": f"the author's notebook {args.notebook.name}, training cell, his settings as committed "
                            f"(triangle, pruning 0/0.99/0.99, batch 100), {args.epochs} epochs",
-                   "changes": "CIFAR10 -> ImageFolder on the JPEG tree; torch.symeig -> torch.linalg.eigh; the epochs",
+                   "changes": "CIFAR10 -> ImageFolder on the JPEG tree; torch.symeig -> torch.linalg.eigh; the epochs; "
+                              ".cpu().numpy() -> .cpu().numpy().copy() (what .cpu() gave on his GPU)",
                    "readout": "his Ridge() on one-hot labels (hebbloss.probe.readouts.miconi_readout), layers 1-2 "
                               "quadrant means, layer 3 flattened", "threads": args.threads},
     }, folder=args.out)
