@@ -208,7 +208,7 @@ class _Run:
             "interrupted": stopped,
             "epoch": state.epoch,
             "global_step": state.global_step,
-            "losses": state.losses + ([state.epoch_loss[0] / state.epoch_loss[1]] if state.step_in_epoch else []),
+            "losses": state.losses + ([state.epoch_loss[0] / state.epoch_loss[1]] if state.step_in_epoch and state.epoch_loss[1] else []),
             "seconds": self.seconds_before + elapsed,
             "seconds_this_call": elapsed,
         }
