@@ -84,3 +84,16 @@ def test_a_row_note_is_listed_once_under_its_table():
     page = report.section(record)
     assert page.count("- plain, seed 0: resumed") == 1
     assert page.index("| plain | 3 |") < page.index("Notes on the runs:")
+
+
+def test_the_authors_code_control_is_set_beside_our_miconi_rows_and_has_no_targets_of_its_own():
+    ours = {"experiment": "miconi2021-cifar10", "paper": "p", "data": "CIFAR-10", "hardware": {}, "command": "c", "config": {},
+            "rows": [_row("triangle-pruning", k, a, model="miconi2021") for k, a in zip((1, 2, 3), (57.0, 61.5, 61.25))]}
+    his = {"experiment": "miconi2021-authors-cifar10", "paper": "p", "data": "CIFAR-10", "hardware": {}, "command": "c",
+           "config": {}, "rows": [_row("authors-code", k, a, model="miconi2021") for k, a in zip((1, 2, 3), (58.0, 62.0, 62.0))]}
+    page = report.section(ours, his["rows"])
+    assert ("layers 1 / 2 / 3 his 58.00 / 62.00 / 62.00, ours (triangle + pruning) 57.00 / 61.50 / 61.25; "
+            "at layer 3 ours is -0.75 points from his") in page
+    control = report.section(his, his["rows"])
+    assert "| authors-code | 3 | paper | 62.00 (JPEG copy) |" in control and "Targets" not in control
+    assert "author's own code" not in report.section(ours)  # no control recorded: no comparison line

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "reproduce"
 DOC = ROOT / "docs" / "results.md"
+CONTROL = "authors-code"  # rows of the authors' own code on the same data copy (benchmarks/reproduce/*_authors.py)
 JPEG_NOTE = "JPEG copy"  # beside every CIFAR-10 number: the shared copy re-encodes the original images as JPEG
 # The targets of issue 12 (accuracies in %): experiment -> list of (description, check(rows) -> (met, detail)).
 
@@ -46,7 +47,8 @@ def _softhebb_targets(dataset: str, rows: List[dict]) -> List[str]:
     return out
 
 
-def _miconi_targets(rows: List[dict]) -> List[str]:
+def _miconi_targets(rows: List[dict], control: Sequence[dict] = ()) -> List[str]:
+    """The issue's Miconi targets; with ``control`` (his notebook's rows on the same copy), ours beside his."""
     tp = [_mean(rows, "triangle-pruning", k) for k in (1, 2, 3)]
     plain = [_mean(rows, "plain", k) for k in (1, 2, 3)]
     out = []
@@ -65,6 +67,11 @@ def _miconi_targets(rows: List[dict]) -> List[str]:
     else:
         out.append(f"- plain decoding falls with depth: {' / '.join(f'{v:.2f}' for v in plain)} "
                    f"({'met' if plain[0] > plain[1] > plain[2] else 'missed'})")
+    his = [_mean(list(control), CONTROL, k) for k in (1, 2, 3)]
+    if his[2] is not None and tp[2] is not None:
+        out.append(f"- beside the author's own code on the same {JPEG_NOTE} (his notebook, section miconi2021-authors-cifar10): "
+                   f"layers 1 / 2 / 3 his {' / '.join(_fmt(v) for v in his)}, ours (triangle + pruning) "
+                   f"{' / '.join(_fmt(v) for v in tp)}; at layer 3 ours is {tp[2] - his[2]:+.2f} points from his")
     return out
 
 
@@ -75,7 +82,9 @@ def _hardware(h: Dict) -> str:
     return f"{where}, {h.get('torch_threads')} torch thread(s), torch {h.get('torch')}"
 
 
-def section(record: dict) -> str:
+def section(record: dict, control: Sequence[dict] = ()) -> str:
+    """One experiment's table and targets; ``control``: the authors' own code's rows for the same model and
+    data (variant ``authors-code``), set beside ours in the targets."""
     rows = record["rows"]
     cifar = any(r["dataset"] == "cifar10" for r in rows) or "CIFAR-10" in record.get("data", "")
     lines = [f"## {record['experiment']}", "", f"Paper: {record['paper']}.", "",
@@ -112,7 +121,12 @@ def section(record: dict) -> str:
         lines += ["", "Notes on the runs:", "", *(f"- {n}" for n in notes)]
     model = rows[0]["model"] if rows else ""
     dataset = rows[0]["dataset"] if rows else ""
-    targets = _miconi_targets(rows) if model == "miconi2021" else _softhebb_targets(dataset, rows) if model == "softhebb" else []
+    if rows and all(r["variant"] == CONTROL for r in rows):
+        targets = []  # a control: the targets are ours
+    elif model == "miconi2021":
+        targets = _miconi_targets(rows, [r for r in control if r["model"] == model and r["dataset"] == dataset])
+    else:
+        targets = _softhebb_targets(dataset, rows) if model == "softhebb" else []
     if targets:
         lines += ["", "Targets (issue 12), from the rows above:", "", *targets]
     return "\n".join(lines) + "\n"
@@ -127,5 +141,6 @@ def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     if not records:
         parts.append("No experiment has been recorded yet.\n")
-    parts += [section(r) for r in records]
+    control = [row for r in records for row in r["rows"] if row["variant"] == CONTROL]
+    parts += [section(r, control) for r in records]
     return "\n".join(parts)
