@@ -100,7 +100,8 @@ def image_tree(data_dir: Path, work: Path, per_class: Optional[int] = None) -> P
             raise SystemExit(f"no {archive}; pass --data-dir (the folder that holds cifar10/)")
         tree.mkdir(parents=True, exist_ok=True)
         with tarfile.open(archive) as tar:
-            tar.extractall(tree, filter="data")
+            # the "data" filter (no links outside the tree, no devices) exists from Python 3.10.12 / 3.11.4 on
+            tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         roots = [p for p in tree.rglob("train") if p.is_dir()]
         if len(roots) != 1 or not (roots[0].parent / "test").is_dir():
             raise SystemExit(f"{archive}: expected one train/ and test/ tree inside, found {[str(r) for r in roots]}")
