@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Iterable, List, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -93,9 +93,14 @@ def param_groups(plastic: LayersLike, lr: Rate, layer_lr: Optional[Mapping[str, 
 MAXABS_EPS = 1e-30  # added to the max-abs entry before dividing by it
 
 
+def _maxabs(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The largest absolute entry among all the tensors (a 0-d tensor), read without an ``abs()`` copy."""
+    return torch.stack([torch.linalg.vector_norm(g, ord=math.inf) for g in grads]).amax()
+
+
 def maxabs_normalize(grads: List[torch.Tensor], eps: float = MAXABS_EPS) -> List[torch.Tensor]:
     """The tensors divided by the largest absolute entry among all of them (Journe et al. 2023)."""
-    peak = torch.stack([g.abs().amax() for g in grads]).amax()
+    peak = _maxabs(grads)
     return [g / (peak + eps) for g in grads]
 
 
@@ -126,8 +131,7 @@ class UpdateScaling:
                 continue
             rate = norm_rate(units.unit_norms(module), self.power)
             if self.normalize:
-                peak = torch.stack([torch.linalg.vector_norm(p.grad, ord=math.inf) for p in params]).amax()
-                rate = rate / (peak.to(rate) + MAXABS_EPS)
+                rate = rate / (_maxabs([p.grad for p in params]).to(rate) + MAXABS_EPS)
             for p in params:
                 p.grad.mul_(units.per_unit(module, rate) if p.dim() > 1 else rate.to(p.grad))
 
