@@ -181,7 +181,7 @@ class _Run:
         """The rest of the current epoch, then a checkpoint; True when it stopped early (checkpoint written)."""
         order = self.epoch_order(state)
         flips = self.epoch_flips()
-        total, count = state.epoch_loss if state.step_in_epoch else (0.0, 0)
+        total, count = state.epoch_loss  # (0.0, 0) at the start of an epoch
         bar = tqdm(range(state.step_in_epoch, self.steps_per_epoch), desc=f"epoch {state.epoch + 1}/{self.epochs}",
                    disable=not self.progress, leave=False, unit="batch", mininterval=1.0)
         with bar:
@@ -195,7 +195,7 @@ class _Run:
                     self.save_state(state)
                     return True
                 self.checkpoint_if_due(state)
-        state.losses = state.losses + [total / count if count else None]
+        state.losses.append(total / count if count else None)
         state.epoch, state.step_in_epoch, state.epoch_rng, state.epoch_loss = state.epoch + 1, 0, None, (0.0, 0)
         self.save_state(state)
         return False
@@ -208,7 +208,7 @@ class _Run:
             "interrupted": stopped,
             "epoch": state.epoch,
             "global_step": state.global_step,
-            "losses": state.losses + ([state.epoch_loss[0] / state.epoch_loss[1]] if state.step_in_epoch and state.epoch_loss[1] else []),
+            "losses": state.losses + ([state.epoch_loss[0] / state.epoch_loss[1]] if state.epoch_loss[1] else []),
             "seconds": self.seconds_before + elapsed,
             "seconds_this_call": elapsed,
         }
