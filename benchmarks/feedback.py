@@ -63,6 +63,7 @@ DEPTH_MODES = ["bp", "fa"]  # also run at the other depths
 # --measure on 2026-12-02 while another experiment held one core: 2.2 (fa) and 2.8 (bp) s/step with 2
 # threads, 0.9 s/step (bp) with 1 thread: on a busy machine pass --threads 1.
 DEFAULT_EPOCHS = 10
+AMIT_NET = "deep_s"  # Amit's network of the protocol's tied/untied pair
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -461,7 +462,7 @@ def render_docs(results_path: Path = RESULTS, docs_path: Path = DOCS, short_path
     ones as pending); ``short_path``, where it exists, the earlier short schedule, shown below it."""
     lines = [BEGIN, ""]
     if results_path.exists():
-        lines += _table(json.loads(results_path.read_text()), plan(ALL_MODES, [20, 8, 32], "deep_s"))
+        lines += _table(json.loads(results_path.read_text()), plan(ALL_MODES, [20, 8, 32], AMIT_NET))
     else:
         lines += [f"No full-data run recorded yet ({results_path.name} does not exist): `python benchmarks/feedback.py` runs them."]
     if short_path is not None and short_path.exists():
@@ -481,7 +482,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", default=ALL_MODES, choices=ALL_MODES)
     p.add_argument("--depths", nargs="+", type=int, default=[20, 8, 32])
-    p.add_argument("--amit-net", default="deep_s", help="Amit's network for the tied/untied pair ('none': skip it)")
+    p.add_argument("--amit-net", default=AMIT_NET, help="Amit's network for the tied/untied pair ('none': skip it)")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--train-subset", type=int, default=0, help="0 = all 50,000")
     p.add_argument("--test-subset", type=int, default=0, help="0 = all 10,000")
