@@ -72,7 +72,7 @@ def training_cell(notebook: Path) -> str:
 
 
 def patch(source: str, train_dir: Path, test_dir: Path, epochs: int, notebook: Path = Path("the notebook")) -> str:
-    """His training cell with the three changes of the module docstring; SystemExit naming the missing
+    """His training cell with the four changes of the module docstring; SystemExit naming the missing
     text when the cell is not the version this script was written against."""
     found = DATASET_CALL.findall(source)
     if sorted(found) != ["False", "True", "True", "True"]:
@@ -175,12 +175,13 @@ def main(argv=None) -> int:
                    "readout": "his Ridge() on one-hot labels (hebbloss.probe.readouts.miconi_readout), layers 1-2 "
                               "quadrant means, layer 3 flattened", "threads": args.threads},
     }, folder=args.out)
-    for run in args.runs:
-        if exp.has(variant=VARIANT, layer=3, seed=run):
-            print(f"recorded already: run {run}")
-            continue
+    for run in (r for r in args.runs if exp.has(variant=VARIANT, layer=3, seed=r)):
+        print(f"recorded already: run {run}")
+    todo = [r for r in args.runs if not exp.has(variant=VARIANT, layer=3, seed=r)]
+    if todo:  # the tree and the patched cell serve every run
         root = image_tree(args.data_dir, args.work, args.per_class)
         patched = patch(source, root / "train", root / "test", args.epochs, args.notebook)
+    for run in todo:
         start = time.perf_counter()
         namespace = run_cell(patched, args.threads)
         rows = readout_rows(namespace, time.perf_counter() - start, command, run)
