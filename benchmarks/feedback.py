@@ -61,7 +61,10 @@ DEPTH_MODES = ["bp", "fa"]  # also run at the other depths
 # uncontended, 2 threads, the short-schedule runs of 2026-11-23 took 0.24 s/step (fa, usf, frsf), 0.28 (urfb,
 # kp) and 0.24-0.37 (bp), i.e. 93-143 s per epoch, so 10 epochs take 15-24 minutes. Measured again with
 # --measure on 2026-12-02 while another experiment held one core: 2.2 (fa) and 2.8 (bp) s/step with 2
-# threads, 0.9 s/step (bp) with 1 thread: on a busy machine pass --threads 1.
+# threads, 0.9 s/step (bp) with 1 thread: on a busy machine pass --threads 1. On 2026-12-03, uncontended,
+# 2 threads, the first full-data run (bp, ResNet-20) took 298 s per epoch (0.76 s/step): the host runs
+# 2-3x slower than on 2026-11-23, so a run takes about 50 minutes. The epochs stay at 10 so that every
+# run of the table shares one schedule.
 DEFAULT_EPOCHS = 10
 AMIT_NET = "deep_s"  # Amit's network of the protocol's tied/untied pair
 
