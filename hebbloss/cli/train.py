@@ -142,18 +142,23 @@ class _Run:
             if flips is not None:
                 batch = hflip(batch, flips[mine])
             inputs = self.prepare(batch)
-        combine = None
-        if self.ranks.parallel:
-            def combine(loss: float, learn: bool) -> float:
-                params = self.plastic.plastic_parameters() if learn else []
-                loss, self.stop_agreed = self.ranks.combine(params, loss, weight, bool(stop and stop.requested))
-                return loss
+        combine = self.rank_combiner(weight, stop) if self.ranks.parallel else None
         loss = train_step(self.model, self.plastic, self.optimizer, inputs,
                           learn=state.global_step >= self.warmup_steps, after_step=self.after_step, combine=combine)
         if self.ranks.parallel:
             self.plastic.sync(batch_size=len(mine))
         state.step_in_epoch, state.global_step, self.done_here = state.step_in_epoch + 1, state.global_step + 1, self.done_here + 1
         return loss
+
+    def rank_combiner(self, weight: float, stop: Optional[_StopFlag]) -> Callable[[float, bool], float]:
+        """The hook ``train_step`` calls after backward (data parallel): averages the plastic gradients
+        (when this step learns) and the loss over the ranks, weighting this rank's share by ``weight``,
+        and agrees on the stop request."""
+        def combine(loss: float, learn: bool) -> float:
+            params = self.plastic.plastic_parameters() if learn else []
+            loss, self.stop_agreed = self.ranks.combine(params, loss, weight, bool(stop and stop.requested))
+            return loss
+        return combine
 
     def stopping(self, stop: _StopFlag) -> bool:
         """Whether to stop at this step boundary: Ctrl-C here, or (data parallel) on any rank at the last step."""
