@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hebbloss.data import DatasetMissing, ImageDataset, available_datasets, batches, load_dataset
+from hebbloss.data import DatasetMissing, ImageDataset, LocalCopy, available_datasets, batches, find_local_copy, load_dataset
+from hebbloss.data.registry import IDX_FILES
 from hebbloss.data.embedded import mnist_mini_path
 from hebbloss.data.idx import read_idx
 
@@ -216,3 +217,22 @@ def test_data_dir_that_does_not_exist_is_refused_for_every_dataset(tmp_path, nam
     with pytest.raises(DatasetMissing, match=r"\$HEBBLOSS_DATA"):
         load_dataset(name, cache_dir=tmp_path / "cache")
     assert not missing.exists() and not (tmp_path / "cache").exists()  # nothing was created or cached
+
+
+def test_find_local_copy_names_the_files_load_dataset_reads(tmp_path):
+    """Each layout the loader accepts is reported with the files it would read; a folder that holds none
+    of them gives None, and the embedded dataset is refused by name."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    assert find_local_copy("mnist", data_dir) is None and find_local_copy("cifar10", tmp_path / "absent") is None
+    make_idx_dir(data_dir / "MNIST" / "raw", gz=False)
+    found = find_local_copy("mnist", data_dir)
+    assert found.layout == "idx" and [p.name for p in found.paths] == list(IDX_FILES)
+    (data_dir / "cifar-10").mkdir()
+    (data_dir / "cifar-10" / "cifar10-jpg.tar.gz").write_bytes(b"")
+    assert find_local_copy("CIFAR-10", data_dir) == LocalCopy("tar", (data_dir / "cifar-10" / "cifar10-jpg.tar.gz",))
+    for split in ("train", "test"):
+        (data_dir / "cifar-10" / split).mkdir()
+    assert find_local_copy("cifar10", data_dir) == LocalCopy("folder", (data_dir / "cifar-10",))
+    with pytest.raises(ValueError, match="embedded"):
+        find_local_copy("mnist-mini", data_dir)

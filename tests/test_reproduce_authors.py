@@ -109,6 +109,21 @@ def test_a_subset_tree_links_the_first_images_of_each_class(tmp_path):
         "test/airplane/0000.jpg", "test/automobile/0000.jpg", "train/airplane/0000.jpg", "train/automobile/0000.jpg"]
 
 
+
+def test_an_extracted_tree_under_the_data_folder_is_used_as_it_is(tmp_path):
+    _archive(tmp_path / "data")
+    (tmp_path / "data" / "cifar10" / "cifar10-jpg.tar.gz").unlink()
+    for split in ("train", "test"):  # the tree the archive held, now in the place the registry looks
+        (tmp_path / "data" / "tree" / split).rename(tmp_path / "data" / "cifar10" / split)
+    root = authors.image_tree(tmp_path / "data", tmp_path / "work")
+    assert root == tmp_path / "data" / "cifar10" and not (tmp_path / "work").exists()
+
+
+def test_a_data_folder_without_cifar10_is_refused_with_its_path(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit, match=str(tmp_path / "data")):
+        authors.image_tree(tmp_path / "data", tmp_path / "work")
+
 @pytest.mark.parametrize("broken, missing", [
     (CELL.replace("torch.symeig(covt, eigenvectors=True)", "torch.linalg.eigh(covt)"), "torch.symeig"),
     (CELL.replace("NBLEARNINGEPOCHS = 20", "NBLEARNINGEPOCHS = 5"), "NBLEARNINGEPOCHS = 20"),

@@ -46,6 +46,7 @@ import ledger
 
 import torch  # noqa: E402  (after ledger, which puts the checkout on the path)
 from hebbloss.probe.readouts import miconi_readout  # noqa: E402
+from hebbloss.data import find_local_copy  # noqa: E402
 
 PAPER = "Miconi 2021, Multi-layer Hebbian networks with modern deep learning frameworks, arXiv:2107.01729"
 PAPER_ACCURACY = {3: 64.55}
@@ -90,23 +91,28 @@ def patch(source: str, train_dir: Path, test_dir: Path, epochs: int, notebook: P
 
 
 def image_tree(data_dir: Path, work: Path, per_class: Optional[int] = None) -> Path:
-    """The shared CIFAR-10 tar extracted once under ``work`` (train/<class>/*.jpg, test/<class>/*.jpg);
-    with ``per_class``, a tree of links to the first N images of each class and split (smoke runs)."""
+    """The CIFAR-10 ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg) that the registry finds under
+    ``data_dir``: the tree itself, or its archive (the shared copy) extracted once under ``work``; with ``per_class``, a tree of links to the first N images of each class and split (smoke runs)."""
     tree = work / "cifar10-jpg"
     done = tree / ".complete"
-    if not done.exists():
-        archive = data_dir / "cifar10" / "cifar10-jpg.tar.gz"
-        if not archive.exists():
-            raise SystemExit(f"no {archive}; pass --data-dir (the folder that holds cifar10/)")
-        tree.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            # the "data" filter (no links outside the tree, no devices) exists from Python 3.10.12 / 3.11.4 on
-            tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-        roots = [p for p in tree.rglob("train") if p.is_dir()]
-        if len(roots) != 1 or not (roots[0].parent / "test").is_dir():
-            raise SystemExit(f"{archive}: expected one train/ and test/ tree inside, found {[str(r) for r in roots]}")
-        done.write_text(str(roots[0].parent))
-    root = Path(done.read_text())
+    copy = find_local_copy("cifar10", data_dir)
+    if copy is None or copy.layout not in ("folder", "tar"):
+        raise SystemExit(f"no CIFAR-10 ImageFolder tree (train/, test/) or archive of one under {data_dir}"
+                         f"{f' (found a {copy.layout} copy)' if copy else ''}; pass --data-dir (the folder that holds cifar10/)")
+    if copy.layout == "folder":
+        root = copy.paths[0]
+    else:
+        if not done.exists():
+            archive = copy.paths[0]
+            tree.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(archive) as tar:
+                # the "data" filter (no links outside the tree, no devices) exists from Python 3.10.12 / 3.11.4 on
+                tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            roots = [p for p in tree.rglob("train") if p.is_dir()]
+            if len(roots) != 1 or not (roots[0].parent / "test").is_dir():
+                raise SystemExit(f"{archive}: expected one train/ and test/ tree inside, found {[str(r) for r in roots]}")
+            done.write_text(str(roots[0].parent))
+        root = Path(done.read_text())
     if per_class is None:
         return root
     small = work / f"cifar10-jpg-{per_class}-per-class"

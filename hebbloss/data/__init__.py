@@ -7,6 +7,7 @@
 """
 from .batching import batches
 from .dataset import ImageDataset
-from .registry import DEFAULT_DATASET, DatasetMissing, available_datasets, load_dataset
+from .registry import DEFAULT_DATASET, DatasetMissing, LocalCopy, available_datasets, find_local_copy, load_dataset
 
-__all__ = ["DEFAULT_DATASET", "DatasetMissing", "ImageDataset", "available_datasets", "batches", "load_dataset"]
+__all__ = ["DEFAULT_DATASET", "DatasetMissing", "ImageDataset", "LocalCopy", "available_datasets", "batches",
+           "find_local_copy", "load_dataset"]

@@ -130,29 +130,63 @@ def _torchvision_dataset(spec: Spec, root: Path, download: bool) -> ImageDataset
     return ImageDataset(out[0], out[1], out[2], out[3], classes, spec.name)
 
 
-def _locate(spec: Spec, data_dir: Path) -> Optional[Tuple[Reader, str]]:
-    """A reader of the local copy of ``spec`` under ``data_dir`` and a fingerprint of its files, or None."""
+@dataclass(frozen=True)
+class LocalCopy:
+    """Where a dataset's files lie under a data folder: ``layout`` "idx" (``paths``: the four IDX files, in
+    the order of IDX_FILES), "folder" (the root holding train/ and test/ ImageFolder trees), "tar" (one
+    archive of such a tree) or "torchvision" (the root of torchvision's own layout)."""
+
+    layout: str
+    paths: Tuple[Path, ...]
+
+
+def find_local_copy(name: str, data_dir: Union[str, Path]) -> Optional[LocalCopy]:
+    """The local copy of dataset ``name`` under ``data_dir``, found as :func:`load_dataset` finds it (in
+    ``data_dir/<name>/`` under any of the dataset's folder names, or in ``data_dir`` itself), or None.
+    For scripts that need the files themselves (e.g. an authors' ImageFolder pipeline)."""
+    key = _resolve(name)
+    if key == DEFAULT_DATASET:
+        raise ValueError(f"dataset {key!r} is embedded in a package, not a copy under a data folder")
+    data_dir = Path(data_dir).expanduser()
+    return _find(SPECS[key], data_dir) if data_dir.is_dir() else None
+
+
+def _find(spec: Spec, data_dir: Path) -> Optional[LocalCopy]:
     folders = [data_dir / f for f in spec.folders] + [data_dir]
     if spec.idx:
         for folder in folders + [data_dir / spec.torchvision / "raw"]:
             files = [_idx_file(folder, stem) for stem in IDX_FILES]
             if all(files):
-                return (lambda files=files: _idx_dataset(spec, files)), _fingerprint(files)
+                return LocalCopy("idx", tuple(files))
     for folder in folders:
         if (folder / "train").is_dir() and (folder / "test").is_dir():
-            return (lambda folder=folder: _folder_dataset(spec, folder)), _fingerprint([folder / "train", folder / "test"])
+            return LocalCopy("folder", (folder,))
         if folder.is_dir():
             tars = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
             if folder == data_dir:
                 tars = [p for p in tars if p.name.lower().startswith(tuple(f.lower() for f in spec.folders))]
             if len(tars) == 1:
-                return (lambda tar=tars[0]: _tar_dataset(spec, tar)), _fingerprint(tars)
+                return LocalCopy("tar", (tars[0],))
     if not spec.idx:
         for root in folders:
-            first = root / spec.tv_layout.split()[0]
-            if first.exists():
-                return (lambda root=root: _torchvision_dataset(spec, root, False)), _fingerprint([first])
+            if (root / spec.tv_layout.split()[0]).exists():
+                return LocalCopy("torchvision", (root,))
     return None
+
+
+def _locate(spec: Spec, data_dir: Path) -> Optional[Tuple[Reader, str]]:
+    """A reader of the local copy of ``spec`` under ``data_dir`` and a fingerprint of its files, or None."""
+    found = _find(spec, data_dir)
+    if found is None:
+        return None
+    files, first = list(found.paths), found.paths[0]
+    if found.layout == "idx":
+        return (lambda: _idx_dataset(spec, files)), _fingerprint(files)
+    if found.layout == "folder":
+        return (lambda: _folder_dataset(spec, first)), _fingerprint([first / "train", first / "test"])
+    if found.layout == "tar":
+        return (lambda: _tar_dataset(spec, first)), _fingerprint(files)
+    return (lambda: _torchvision_dataset(spec, first, False)), _fingerprint([first / spec.tv_layout.split()[0]])
 
 
 def _expected(spec: Spec, data_dir: Optional[Path]) -> str:
