@@ -375,12 +375,12 @@ def _claims(by: dict) -> List[str]:
         if bp20 is not None and e is not None:
             gap = e - bp20
             lines.append(f"- {mode} within 3 points of bp at ResNet-20 ({paper}): "
-                         f"{gap:+.1f} points, {'met' if gap <= 3 else f'missed by {gap - 3:.1f}'}.")
+                         f"{gap:+.2f} points, {'met' if gap <= 3 else f'missed by {gap - 3:.2f}'}.")
     fa20 = err("fa", 20)
     if bp20 is not None and fa20 is not None:
         gap = fa20 - bp20
-        lines.append(f"- fa at least 10 points worse than bp at ResNet-20: {gap:+.1f} points, "
-                     f"{'met' if gap >= 10 else f'missed by {10 - gap:.1f}'}.")
+        lines.append(f"- fa at least 10 points worse than bp at ResNet-20: {gap:+.2f} points, "
+                     f"{'met' if gap >= 10 else f'missed by {10 - gap:.2f}'}.")
     fa8, fa32, bp8, bp32 = err("fa", 8), err("fa", 32), err("bp", 8), err("bp", 32)
     if None not in (fa8, fa32, bp8, bp32):
         ok = fa32 > fa8 and bp32 <= bp8
@@ -390,8 +390,8 @@ def _claims(by: dict) -> List[str]:
         tied, untied = err("urfb", key, "tied"), err("urfb", key, "untied")
         if tied is not None and untied is not None:
             gap = untied - tied
-            lines.append(f"- untied within 3 points of tied on {key} under urfb (Amit 2019): {gap:+.1f} points, "
-                         f"{'met' if abs(gap) <= 3 else f'missed by {abs(gap) - 3:.1f}'}.")
+            lines.append(f"- untied within 3 points of tied on {key} under urfb (Amit 2019): {gap:+.2f} points, "
+                         f"{'met' if abs(gap) <= 3 else f'missed by {abs(gap) - 3:.2f}'}.")
     return lines
 
 

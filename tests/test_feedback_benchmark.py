@@ -118,7 +118,7 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
     def run(mode, depth, err, variant="tied", net="resnet"):
         return {"mode": mode, "depth": depth, "variant": variant, "net": net, "test_error": err}
 
-    runs = [run("bp", 20, 10.0), run("usf", 20, 12.5), run("urfb", 20, 14.0), run("kp", 20, 13.0), run("fa", 20, 25.0),
+    runs = [run("bp", 20, 10.0), run("usf", 20, 12.5), run("urfb", 20, 14.0), run("kp", 20, 12.96), run("fa", 20, 25.0),
             run("bp", 8, 15.0), run("fa", 8, 30.0), run("bp", 32, 9.0), run("fa", 32, 35.0),
             run("urfb", "amit2019-deep_s", 30.0, "tied", "amit2019"), run("urfb", "amit2019-deep_s", 34.5, "untied", "amit2019")]
     data = {"schedule": {"epochs": 8, "train_subset": 0, "train_images": 50000, "test_images": 10000, "batch_size": 128,
@@ -133,11 +133,12 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
     assert text.startswith("# Page\n\nabove\n\n") and text.endswith("\n\nbelow\n") and "old" not in text
     assert "| bp | 15.0 | 10.0 | 9.0 | 8.63 |" in block
     assert "| amit2019-deep_s | 30.0 | 34.5 |" in block
-    assert "- usf within 3 points of bp at ResNet-20 (Moskovitz et al. 2018): +2.5 points, met." in block
-    assert "- urfb within 3 points of bp at ResNet-20 (Amit 2019): +4.0 points, missed by 1.0." in block
-    assert "- fa at least 10 points worse than bp at ResNet-20: +15.0 points, met." in block
+    assert "- usf within 3 points of bp at ResNet-20 (Moskovitz et al. 2018): +2.50 points, met." in block
+    assert "- urfb within 3 points of bp at ResNet-20 (Amit 2019): +4.00 points, missed by 1.00." in block
+    assert "- kp within 3 points of bp at ResNet-20 (Akrout et al. 2019): +2.96 points, met." in block
+    assert "- fa at least 10 points worse than bp at ResNet-20: +15.00 points, met." in block
     assert "fa 30.0 -> 35.0, bp 15.0 -> 9.0 from ResNet-8 to ResNet-32, met." in block
-    assert "- untied within 3 points of tied on amit2019-deep_s under urfb (Amit 2019): +4.5 points, missed by 1.5." in block
+    assert "- untied within 3 points of tied on amit2019-deep_s under urfb (Amit 2019): +4.50 points, missed by 1.50." in block
     assert "All 50,000 training images, but 8 epochs" in block and "short schedule" not in block
 
 
@@ -161,7 +162,7 @@ def test_a_partial_full_data_table_marks_the_runs_not_yet_run_and_keeps_the_shor
     assert "2 of 13 runs recorded so far" in head
     assert "| bp | *pending* | 20.0 | *pending* |" in head and "| usf | - | 22.0 | - |" in head
     assert "| brsf | - | *pending* | - |" in head and "| amit2019-deep_s | *pending* | *pending* |" in head
-    assert "- usf within 3 points of bp at ResNet-20 (Moskovitz et al. 2018): +2.0 points, met." in head
+    assert "- usf within 3 points of bp at ResNet-20 (Moskovitz et al. 2018): +2.00 points, met." in head
     assert "**This is a short schedule**" in tail and "pending" not in tail
     assert "| bp | - | 33.0 |" in tail and "| fa | 61.5 | - |" in tail
     # before any full-data run, the page says so and still shows the short schedule
