@@ -176,10 +176,11 @@ def speed_tables(run: dict, targets: dict) -> list:
                      + f" | {q['hebbian_over_backprop']:.3f} | {q['hebbian_over_hand_written']:.3f} "
                        f"| {t['hand_written'] / t['backprop']:.3f} |")
     lines += ["", "*hand-written / backprop* is the Hebbian / backprop ratio that a step exactly as fast as the "
-              "hand-written update would reach: the same forward and the same weight-gradient kernels, with nothing "
-              f"added. Where it is above {targets['hebbian_over_backprop']:.2f}, that target cannot be met by "
-              "computing the same update with the same kernels on this hardware; only a cheaper forward or "
-              "weight-gradient kernel (lower precision, sparsity of the post-synaptic signal) could meet it."]
+              "hand-written update would reach: the same forward and the same weight-gradient kernels, each called "
+              f"once on the whole batch, with nothing added. Where it is above {targets['hebbian_over_backprop']:.2f}, "
+              "that target cannot be met by that computation on this hardware; only a cheaper way to run the forward "
+              "or the weight-gradient products could meet it (hebbloss takes a large layer's product in batch chunks "
+              "that stay in the CPU's cache; lower precision or a sparse post-synaptic signal are others)."]
     fp16 = any("fp16_over_hebbian" in r["ratios"] for r in configs.values())
     lines += ["", "Ratios to the Hebbian step (time): streaming, torch.compile, autocast.", "",
               "| model | batch | streaming / Hebbian | compiled / Hebbian | bf16 / Hebbian |" + (" fp16 / Hebbian |" if fp16 else "")

@@ -17,11 +17,13 @@ own backward gives with y as the output gradient: the framework's weight-gradien
 With ``streaming=True`` every layer takes the first way, and its graph is not retained: nothing but
 the weight-sized result and the decay coefficients outlive the forward hook. Where the layer's family
 declares its backward halves (:meth:`hebbloss.layers.LayerType.adjoint`: every convolution and linear
-layer), the streamed sum y x is taken with that weight-gradient product directly, over the batch in
-chunks of at most ``CHUNK_BYTES`` of y: the kernel's workspace (a reordered copy of y and of the
-input, about the size of y for the whole batch) then stays a few MiB, and the layer's graph is not
-needed (nor, with ``detach_input=False``, the re-run of the layer). Summed in chunks, the result is
-the whole batch's up to float rounding.
+layer), a sum y x taken at once (streamed or not) comes from that weight-gradient product directly,
+over the batch in chunks of at most ``CHUNK_BYTES`` of y: the kernel's workspace (a reordered copy of
+y and of the input, about the size of y for the whole batch) then stays a few MiB, small enough for
+the CPU's cache, where the whole batch's is not (large early feature maps run faster in chunks than
+in one call; ``benchmarks/speed.py`` times the steps), and the layer's graph is not needed (nor, with
+``detach_input=False``, the re-run of the layer). Summed in chunks, the result is the whole
+batch's up to float rounding.
 
 The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
 adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
@@ -66,8 +68,9 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
                x: Optional[torch.Tensor] = None) -> LocalTerm:
     """The term of one layer call whose ``output`` graph reaches only ``weight`` and ``bias``.
     ``streaming``: take the Hebbian half at once whatever the sizes and free ``output``'s graph (the
-    caller guarantees nothing else backpropagates through it); with the layer family's ``adjoint``
-    for this call and its input ``x``, take it in batch chunks by that adjoint, without the graph."""
+    caller guarantees nothing else backpropagates through it). Where it is taken at once (:func:`at_once`)
+    and the layer family's ``adjoint`` for this call and its input ``x`` are given, it is taken in batch
+    chunks by that adjoint, without the graph (which stays as it was for any other backward)."""
     post, detached = (post.detach() if post.requires_grad else post), output.detach()
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
@@ -77,10 +80,11 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
     if not learning or not output.requires_grad:
         return term  # a frozen layer: its term has a value and no gradient
-    if streaming and adjoint is not None and x is not None:
+    if not at_once(weight, post, streaming):
+        term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
+    elif adjoint is not None and x is not None:
         term.hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
-        return term
-    if streaming or post.numel() > weight.numel():
+    else:
         # the bias's sum y is summed here, not asked of the graph: convolution_backward is 5-20% slower on
         # CPU when it also returns the bias gradient (mkldnn depthwise, channels-last 1x1); same sum
         by_sum = bias is not None and any(p is bias for p in learning) and _per_unit_bias(bias, kind, post)
@@ -89,9 +93,13 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
         term.hebbian = {id(p): g for p, g in zip(by_graph, found)}
         if by_sum:
             term.hebbian[id(bias)] = _bias_sum(post, kind, bias)
-    else:
-        term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
     return term
+
+
+def at_once(weight: torch.Tensor, post: torch.Tensor, streaming: bool) -> bool:
+    """Whether a layer call's Hebbian half sum y x is taken in its forward hook (always when streaming;
+    else where y is larger than the weight) rather than in the loss's backward."""
+    return streaming or post.numel() > weight.numel()
 
 
 def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Tensor, post: torch.Tensor,

@@ -24,7 +24,7 @@ from . import distributed, layers, rules
 from .competition import POSTS, post_signal
 from ._hooks import HookHandle
 from .selection import Targets, name_matches
-from ._local import LocalTerm, local_loss, local_term
+from ._local import LocalTerm, at_once, local_loss, local_term
 from .validation import validate
 
 _PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
@@ -159,7 +159,7 @@ class Plasticity(HookHandle, nn.Module):
             )
         kind, groups = self._kinds[name]
         adjoint = x = None
-        if self.streaming and len(args) == 1 and isinstance(args[0], torch.Tensor):
+        if len(args) == 1 and isinstance(args[0], torch.Tensor) and at_once(module.weight, post, self.streaming):
             x = args[0].detach()  # the family's weight-gradient product, in batch chunks, needs no graph
             adjoint = kind.adjoint(module, x, output)
         local = output  # its graph reaches only the layer's weight and bias (its input is detached)

@@ -419,6 +419,31 @@ def test_a_post_signal_larger_than_the_weight_is_let_go_in_the_forward():
     plastic.loss().backward()
 
 
+
+@pytest.mark.parametrize("detach_input", [True, False])
+def test_a_large_post_signals_update_is_taken_in_batch_chunks_without_the_layers_backward(monkeypatch, detach_input):
+    """Default mode: where y is larger than the weight, sum y x comes from the layer family's weight-gradient
+    product over batch chunks (here one sample each): the layer's own backward node never runs, and the
+    update is the float64 reference's."""
+    import hebbloss._local
+
+    monkeypatch.setattr(hebbloss._local, "CHUNK_BYTES", 1)
+    conv, x = nn.Conv2d(2, 3, 3, padding=1).to(D), torch.randn(4, 2, 9, 9, dtype=D, requires_grad=not detach_input)
+    ran = []
+    plastic = hebbloss.attach(conv, rule="oja", post=torch.relu, detach_input=detach_input)
+
+    def watch(module, args, out):  # before attach's hook: sees the node a call of the layer's backward would run
+        out.grad_fn.register_prehook(lambda grads: ran.append(grads))
+
+    conv.register_forward_hook(watch, prepend=True)
+    z = conv(x)
+    assert plastic.records[""][0].post is None  # taken in the forward
+    plastic.loss().backward()
+    assert ran == []
+    update = rule_update(conv, x.detach(), torch.relu(z.detach()), z.detach(), "oja")
+    torch.testing.assert_close(conv.weight.grad, -update[0], **TOL)
+    torch.testing.assert_close(conv.bias.grad, -update[1], **TOL)
+
 def test_a_task_loss_and_a_retained_graph_through_a_layer_whose_update_was_taken_in_the_forward():
     """The hook's own call of the layer's backward keeps its graph: a task loss through the same output
     still reaches the weight, and a retained graph gives the update twice."""
