@@ -53,9 +53,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_generation() -> str:
+    """The CPU's family and model numbers (from /proc/cpuinfo on Linux; "" elsewhere): under a hypervisor
+    the model name may be as vague as "AMD EPYC", which spans generations several times apart in speed."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else ""
+
+
 def hardware(device: str) -> dict:
-    """CPU model, cores, torch threads, torch and Python versions, and the GPU's name on CUDA."""
-    out = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    """CPU model, its family/model numbers and the vector instructions torch's kernels use (AVX2,
+    AVX512, ...), cores, torch threads, torch and Python versions, and the GPU's name on CUDA."""
+    out = {"cpu": cpu_name(), "cpu_generation": cpu_generation(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "device": device}
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(device)

@@ -144,7 +144,13 @@ SPEED_MODES = (("hebbian", "Hebbian"), ("streaming", "streaming"), ("backprop", 
 
 
 def _hardware_line(hw: dict) -> str:
-    line = f"{hw['cpu']} ({hw['cpu_cores']} cores, torch using {hw['threads']} thread{'s' if hw['threads'] != 1 else ''})"
+    parts = [hw["cpu"]]  # records from before the generation and capability were kept have the name only
+    if hw.get("cpu_generation"):
+        parts.append(hw["cpu_generation"])
+    if hw.get("cpu_capability"):
+        parts.append(f"{hw['cpu_capability']} kernels")
+    cpu = ", ".join(parts)
+    line = f"{cpu} ({hw['cpu_cores']} cores, torch using {hw['threads']} thread{'s' if hw['threads'] != 1 else ''})"
     if hw.get("gpu"):
         line = f"{hw['gpu']}, host CPU {line}"
     return f"{line}, torch {hw['torch']}, Python {hw['python']}"
@@ -190,8 +196,9 @@ def speed_tables(run: dict, targets: dict) -> list:
         t, q = r["time_s"], r["ratios"]
         compiled = f"{q['compiled_over_hebbian']:.3f}" if "compiled_over_hebbian" in q else "not run"
         first = f"{r['compile_first_step_s']:.0f} s" if "compile_first_step_s" in r else ""
+        bf16 = f"{q['bf16_over_hebbian']:.3f}" if "bf16_over_hebbian" in q else "not run"
         lines.append(f"| {r['model']} | {r['batch']} | {t['streaming'] / t['hebbian']:.3f} | {compiled} | "
-                     f"{q['bf16_over_hebbian']:.3f} |" + (f" {q['fp16_over_hebbian']:.3f} |" if fp16 else "") + f" {first} |")
+                     f"{bf16} |" + (f" {q['fp16_over_hebbian']:.3f} |" if fp16 else "") + f" {first} |")
     with_memory = {n: r for n, r in configs.items() if "peak_mib" in r}
     if with_memory:
         mem_modes = [(m, label) for m, label in modes if any(m in r["peak_mib"] for r in with_memory.values())]

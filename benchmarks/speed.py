@@ -89,7 +89,8 @@ def bench(name: str, args) -> dict:
         batch = QUICK_BATCH
     warmup, repeat = (1, 3) if quick else (args.warmup, args.repeat)
     cuda = args.device.startswith("cuda")
-    modes = [m for m in TIMED + (("fp16",) if cuda else ()) if not (m == "compiled" and args.no_compile)]
+    skipped = {m for m, skip in (("compiled", args.no_compile), ("bf16", args.no_bf16)) if skip}
+    modes = [m for m in TIMED + (("fp16",) if cuda else ()) if m not in skipped]
     steps = {m: harness.build_step(m, model_name, batch, size, args.device) for m in modes}
     out = {"model": model_name, "batch": batch, "input_size": size, "quick": quick, "warmup": warmup, "repeat": repeat}
     if "compiled" in steps:
@@ -101,7 +102,7 @@ def bench(name: str, args) -> dict:
         out["graph_breaks"] = graph_breaks(model_name, size, args.device)
     if not args.no_memory:
         out["peak_mib"] = {m: peak_in_fresh_process(m, model_name, batch, size, args.device, torch.get_num_threads())
-                           for m in MEMORY + (("fp16",) if cuda else ())}
+                           for m in MEMORY + (("fp16",) if cuda else ()) if m not in skipped}
     out["ratios"] = ratios(out)
     return out
 
@@ -114,7 +115,8 @@ def ratios(r: dict) -> dict:
     out["inference_over_backprop"] = t["inference"] / t["backprop"]
     if "compiled" in t:
         out["compiled_over_hebbian"] = t["compiled"] / t["hebbian"]
-    out["bf16_over_hebbian"] = t["bf16"] / t["hebbian"]
+    if "bf16" in t:
+        out["bf16_over_hebbian"] = t["bf16"] / t["hebbian"]
     if "fp16" in t:
         out["fp16_over_hebbian"] = t["fp16"] / t["hebbian"]
     if "peak_mib" in r:
@@ -147,7 +149,7 @@ def show(name: str, r: dict) -> None:
     print(f"{name} (batch {r['batch']}, {r['input_size']}x{r['input_size']}): {cells}")
     print(f"    hebbian/backprop {q['hebbian_over_backprop']:.3f}  hebbian/hand-written {q['hebbian_over_hand_written']:.3f}"
           + (f"  compiled/eager {q['compiled_over_hebbian']:.3f}" if "compiled_over_hebbian" in q else "")
-          + f"  bf16/fp32 {q['bf16_over_hebbian']:.3f}")
+          + (f"  bf16/fp32 {q['bf16_over_hebbian']:.3f}" if "bf16_over_hebbian" in q else ""))
     if "peak_mib" in r:
         print("    peak MiB: " + "  ".join(f"{m} {v:.0f}" for m, v in r["peak_mib"].items())
               + f"   streaming/backprop memory {q['streaming_memory_over_backprop']:.3f}")
@@ -167,6 +169,8 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled mode and the graph-break count")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip bf16 autocast (a CPU without bf16 instructions, e.g. AVX2 only, emulates it at ~10x fp32's time)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-of", choices=MEMORY + ("fp16",), help=argparse.SUPPRESS)  # one mode, this process: prints JSON
     parser.add_argument("--model", choices=list(harness.MODELS), help=argparse.SUPPRESS)

@@ -96,6 +96,18 @@ def test_performance_page_says_when_there_are_no_gpu_figures():
     assert "## GPU\n\nNo GPU figures yet" in page
 
 
+
+def test_the_hardware_line_names_the_cpu_generation_and_kernels_where_recorded(harness):
+    """A vague model name ("AMD EPYC" under a hypervisor) spans generations; the family/model numbers and
+    the kernels' instruction set say which one ran. Older records (name only) still render."""
+    render_docs = _load("render_docs")
+    hw = {"cpu": "AMD EPYC", "cpu_generation": "family 23 model 1", "cpu_capability": "AVX2", "cpu_cores": 2,
+          "threads": 1, "torch": "t", "python": "p"}
+    assert render_docs._hardware_line(hw) == "AMD EPYC, family 23 model 1, AVX2 kernels (2 cores, torch using 1 thread), torch t, Python p"
+    old = {k: v for k, v in hw.items() if k not in ("cpu_generation", "cpu_capability")}
+    assert render_docs._hardware_line(old) == "AMD EPYC (2 cores, torch using 1 thread), torch t, Python p"
+    assert harness.hardware("cpu")["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "NEON", "VSX", "SVE256")
+
 def _epoch_page(train_s, authors_code):
     """docs/performance.md made from the committed speed.json and an epoch record of 5,000 steps of 100 ms
     whose training loop took ``train_s``, beside ``authors_code``."""
@@ -161,3 +173,19 @@ def test_the_authors_step_runs_their_classes_and_applies_their_learning_rates(tm
     torch.manual_seed(0)
     initial = nn.Conv2d(3, 2, 1).weight  # the fake network's first layer, built from the same seed
     torch.testing.assert_close(conv1.detach(), initial.detach() + 0.08 + 0.16)  # SGD with lr < 0 on a grad of ones
+
+
+def test_a_speed_run_without_bf16_and_compile_records_and_renders_them_as_not_run(capsys):
+    """--no-bf16 / --no-compile (an AVX2-only CPU emulates bf16 at ~10x fp32's time): no ratio for the
+    skipped modes, and the page says "not run" in their cells."""
+    speed, render_docs = _load("speed"), _load("render_docs")
+    t = {"hebbian": 0.9, "streaming": 0.8, "backprop": 1.5, "inference": 0.4, "hand_written": 1.0}
+    r = {"model": "m", "batch": 4, "input_size": 32, "quick": False, "warmup": 1, "repeat": 1, "time_s": t}
+    r["ratios"] = speed.ratios(r)
+    assert "bf16_over_hebbian" not in r["ratios"] and "compiled_over_hebbian" not in r["ratios"]
+    assert r["ratios"]["hebbian_over_hand_written"] == pytest.approx(0.9)
+    speed.show("m/b4", r)
+    assert "hebbian/hand-written 0.900" in capsys.readouterr().out
+    hw = {"cpu": "c", "cpu_cores": 2, "threads": 1, "torch": "t", "python": "p"}
+    page = render_docs.performance_page({"targets": speed.TARGETS, "runs": {"cpu": {"hardware": hw, "configs": {"m/b4": r}}}})
+    assert "| m | 4 | 0.889 | not run | not run |" in page
