@@ -42,29 +42,29 @@ MODES = ("hebbian", "streaming", "backprop", "inference", "hand_written", "compi
 
 # ----------------------------------------------------------------------------------------------- hardware
 
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo (Linux; empty elsewhere)."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    info = _cpuinfo()
+    return info["model name"] if "model name" in info else platform.processor() or platform.machine()
 
 
 def cpu_generation() -> str:
     """The CPU's family and model numbers (from /proc/cpuinfo on Linux; "" elsewhere): under a hypervisor
     the model name may be as vague as "AMD EPYC", which spans generations several times apart in speed."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else ""
+    info = _cpuinfo()
+    return f"family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
 
 
 def hardware(device: str) -> dict:

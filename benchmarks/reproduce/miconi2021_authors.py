@@ -92,9 +92,8 @@ def patch(source: str, train_dir: Path, test_dir: Path, epochs: int, notebook: P
 
 def image_tree(data_dir: Path, work: Path, per_class: Optional[int] = None) -> Path:
     """The CIFAR-10 ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg) that the registry finds under
-    ``data_dir``: the tree itself, or its archive (the shared copy) extracted once under ``work``; with ``per_class``, a tree of links to the first N images of each class and split (smoke runs)."""
-    tree = work / "cifar10-jpg"
-    done = tree / ".complete"
+    ``data_dir``: the tree itself, or its archive (the shared copy) extracted once under ``work``; with
+    ``per_class``, a tree of links to the first N images of each class and split (smoke runs)."""
     copy = find_local_copy("cifar10", data_dir)
     if copy is None or copy.layout not in ("folder", "tar"):
         raise SystemExit(f"no CIFAR-10 ImageFolder tree (train/, test/) or archive of one under {data_dir}"
@@ -102,6 +101,8 @@ def image_tree(data_dir: Path, work: Path, per_class: Optional[int] = None) -> P
     if copy.layout == "folder":
         root = copy.paths[0]
     else:
+        tree = work / "cifar10-jpg"
+        done = tree / ".complete"
         if not done.exists():
             archive = copy.paths[0]
             tree.mkdir(parents=True, exist_ok=True)
