@@ -1,5 +1,4 @@
 """Amit's hinge cost, untied convolutions, Batch Manhattan and the alignment metrics."""
-import copy
 import math
 
 import pytest
@@ -81,20 +80,35 @@ def test_locally_connected_from_conv_equals_conv_and_loop_reference(kw):
 
 def test_locally_connected_feedback_gradients_match_autograd_reference():
     lc = fb.LocallyConnected2d(4, 6, (6, 5), 3, stride=2, padding=1, groups=2)
-    plain = copy.deepcopy(lc)
     h = fb.convert(lc, "urfb")
     x = torch.randn(3, 4, 6, 5, requires_grad=True)
     out = lc(x)
     readout = torch.randn_like(out)
     (out * readout).sum().backward()
+    # float64 references by autograd through the per-position loop: with B for the input, with W for W and B
+    B = h.feedback_weight("").detach()
+    conf = ((2, 2), (1, 1), (1, 1), 2)
     xi = x.detach().clone().requires_grad_(True)
-    B = h.feedback_weight("")
-    ref_x = torch.autograd.grad((fb.local_conv2d(xi, B, None, (2, 2), (1, 1), (1, 1), 2) * readout).sum(), xi)[0]
-    (plain(x.detach()) * readout).sum().backward()
+    ref_x = torch.autograd.grad((_untied_reference(xi, B, None, *conf) * readout).sum(), xi)[0]
+    w, b = lc.weight.detach().clone().requires_grad_(True), lc.bias.detach().clone().requires_grad_(True)
+    ref_w, ref_b = torch.autograd.grad((_untied_reference(x.detach(), w, b, *conf) * readout).sum(), (w, b))
     torch.testing.assert_close(x.grad, ref_x)
-    torch.testing.assert_close(lc.weight.grad, plain.weight.grad)
-    torch.testing.assert_close(lc.feedback_weight.grad, plain.weight.grad)
-    torch.testing.assert_close(lc.bias.grad, plain.bias.grad)
+    torch.testing.assert_close(lc.weight.grad, ref_w)
+    torch.testing.assert_close(lc.feedback_weight.grad, ref_w)
+    torch.testing.assert_close(lc.bias.grad, ref_b)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(dilation=2, padding=2, groups=2)])
+def test_locally_connected_backward_matches_the_loop_reference(kw):
+    """Plain autograd (no feedback): the written-out backward of local_conv2d against the loop's."""
+    lc = fb.LocallyConnected2d(4, 6, (7, 6), 3, **kw)
+    x = torch.randn(2, 4, 7, 6, requires_grad=True)
+    readout = torch.randn(2, 6, *lc.output_size)
+    grads = torch.autograd.grad((lc(x) * readout).sum(), (x, lc.weight, lc.bias))
+    conf = (lc.stride, lc.padding, lc.dilation, lc.groups)
+    ref = torch.autograd.grad((_untied_reference(x, lc.weight, lc.bias, *conf) * readout).sum(), (x, lc.weight, lc.bias))
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want)
 
 
 class _Small(nn.Module):

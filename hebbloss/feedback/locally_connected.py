@@ -3,7 +3,8 @@
 Amit (2019, "Deep learning with asymmetric connections and Hebbian updates") shows that such
 untied layers, which need no weight sharing (biologically implausible), learn as well as
 convolutions under asymmetric feedback. ``LocallyConnected2d.from_conv`` copies a Conv2d's filter
-to every position (same output), and :func:`untie` replaces a model's Conv2d layers in place.
+to every position (same output), and :func:`untie` replaces a model's Conv2d layers in place. The
+math (:func:`local_conv2d` and its backward) is in :mod:`hebbloss.layers.locally_connected`.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .. import layers
+from ..layers.locally_connected import local_conv2d
 from .._hooks import HookOwner
 from .convert import carry_over, layer_state
 from ..selection import Targets, select_layers
@@ -25,21 +26,6 @@ Pair = Union[int, Tuple[int, int]]
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def local_conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    """Untied convolution: out[n, o, i, j] = sum_k weight[i, j, o, k] * patch_{i,j}(x)[n, k] + bias[o, i, j].
-
-    weight: [out_h, out_w, out_channels, in_channels/groups, kh, kw]; x: [N, C, H, W].
-    """
-    oh, ow, out_ch = weight.shape[:3]
-    kh, kw = weight.shape[-2:]
-    patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C*kh*kw, L]
-    n = x.shape[0]
-    patches = patches.reshape(n, groups, -1, oh * ow)
-    w = weight.reshape(oh * ow, groups, out_ch // groups, -1)
-    out = torch.einsum("ngkl,lgok->ngol", patches, w.to(patches.dtype)).reshape(n, out_ch, oh, ow)
-    return out if bias is None else out + bias.to(out.dtype)
 
 
 class LocallyConnected2d(nn.Module):
