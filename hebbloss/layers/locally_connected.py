@@ -2,13 +2,15 @@
 position (Amit 2019), weight [out_h, out_w, out_channels, in_channels/groups, kh, kw].
 
 Its output [N, out_channels, out_h, out_w] is linear in the weight. This file holds its math, forward
-and both backward halves, as batched matrix products over positions: the unfolded input and the error
-are laid out position-major ([positions * groups, N, channels], contiguous) so that one ``torch.bmm``
-serves every position, and autograd never multiplies strided views (which CPU ``bmm`` copies matrix by
-matrix). Only :func:`hebbloss.feedback.convert` trains it: the surrogate term's units (one weight row
-per output channel) do not fit untied weights, so :func:`hebbloss.attach` skips it (and refuses it when
-named). Registered by qualified name, as the layer lives in :mod:`hebbloss.feedback`, which builds on
-this package.
+and both backward halves, as one ``torch.bmm`` over positions (and groups): the input's patches are
+gathered once as [N, positions, patch], so each position's matrix is a strided view with unit stride
+along the patch, which BLAS multiplies in place. (An einsum over unfold's [N, patch, positions] hands
+bmm matrices without a unit stride, which CPU bmm copies one matrix at a time.)
+
+Only :func:`hebbloss.feedback.convert` trains it: the surrogate term's units (one weight row per output
+channel) do not fit untied weights, so :func:`hebbloss.attach` skips it (and refuses it when named).
+Registered by qualified name, as the layer lives in :mod:`hebbloss.feedback`, which builds on this
+package.
 """
 from typing import Sequence, Tuple
 
