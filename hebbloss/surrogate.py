@@ -59,10 +59,15 @@ def flat_pair(a: torch.Tensor, b: torch.Tensor):
     return a.reshape(-1), b.reshape(-1)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, groups: int):
     """(<y, z>, sum_c S_c (||W_c||^2 + b_c^2) or None when S = 0): L = scale * (-first + second / 2).
-    Call it where no graph is recorded (under ``torch.no_grad()`` or in an autograd Function's forward)."""
-    correlation = torch.dot(*flat_pair(post, output))
+    Call it where no graph is recorded (under ``torch.no_grad()`` or in an autograd Function's forward).
+    Half-precision y and z (autocast) are summed in float32: a float16 <y, z> over a large layer passes
+    float16's largest value (65,504) long before any element does, and the loss would read Inf."""
+    correlation = torch.dot(*(t.float() if t.dtype in _HALF else t for t in flat_pair(post, output)))
     if decay is None:
         return correlation, None
     norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()

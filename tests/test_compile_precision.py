@@ -126,3 +126,24 @@ def test_fp16_autocast_with_grad_scaler_on_cuda_gives_the_update_within_toleranc
     scaler.update()
     errors = _relative_errors(net.cpu(), expected)
     assert max(errors.values()) < FP16_TOL, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_layer_whose_correlation_passes_float16s_range_gives_a_finite_exact_loss(dtype):
+    """<y, z> is summed in float32: 4,096 x 64 products of about 9 reach ~2.4e6, past float16's 65,504."""
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(32, 64, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(64, 32, generator=g) * 0.2)
+    x = (torch.rand(4096, 32, generator=g) * 1.0).to(dtype)
+    plastic = hebbloss.attach(layer, rule="hebb", post="identity")
+    z = layer(x)
+    loss = plastic.loss()
+    reference = -(z.to(D) * z.to(D)).sum()  # y = z: the float64 sum of the same half-precision products
+    assert reference.abs() > 65504 and torch.isfinite(loss)
+    assert abs(loss.to(D) - reference) / reference.abs() < 1e-4  # float32 accumulation of 262,144 terms
+    loss.backward()
+    expected = -(z.to(D).T @ x.to(D))  # minus Hebb's update sum y x^T
+    assert (layer.weight.grad.to(D) - expected).abs().max() / expected.abs().max() < 1e-2
+    direct = hebbloss.surrogate_loss(layer.weight, z.detach().requires_grad_(), z.detach(), "hebb")
+    assert torch.isfinite(direct) and abs(direct.to(D) - reference) / reference.abs() < 1e-4
