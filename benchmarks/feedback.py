@@ -184,7 +184,7 @@ def run_key(run: dict) -> tuple:
 
 
 def slug(spec: dict) -> str:
-    return f"{spec['mode']}-{spec['depth']}-{spec['variant']}"
+    return f"{spec['mode']}-{spec['depth']}-{spec.get('variant', 'tied')}"
 
 
 def load_payload(out: Path, header: dict, restart: bool) -> dict:
@@ -217,7 +217,8 @@ def run_all(specs: List[dict], payload: dict, out: Path, run_fn: Callable[[dict,
             continue
         ckpt = checkpoint_dir / f"{slug(spec)}.pt"
         result = run_fn(spec, ckpt)
-        record = {"mode": spec["mode"], "depth": spec["depth"], "variant": spec["variant"], "net": spec["net"], **result}
+        record = {"mode": spec["mode"], "depth": spec["depth"], "variant": spec["variant"], "net": spec["net"],
+                  "device": payload.get("device"), "torch": payload.get("torch"), **result}
         payload["runs"].append(record)
         atomic.write_json(out, payload)
         done.add(run_key(spec))
@@ -225,6 +226,29 @@ def run_all(specs: List[dict], payload: dict, out: Path, run_fn: Callable[[dict,
             ckpt.unlink()
         log(f"{slug(spec)}: test error {record['test_error']:.2f}%  ({record.get('seconds', 0):.0f} s)")
     return payload
+
+
+def merge(out: Path, other: Path) -> List[str]:
+    """Add the runs recorded in ``other`` (e.g. runs of the same schedule made on a GPU machine) to the
+    results at ``out``; returns the slugs added. Refused, with ``out`` unchanged, when the schedules differ
+    or both files hold the same run. Each run keeps the hardware it ran on (its own ``device``, else its
+    file's)."""
+    theirs = json.loads(other.read_text())
+    ours = json.loads(out.read_text())
+    if theirs.get("schedule") != ours.get("schedule"):
+        raise SystemExit(f"{other} holds runs of another schedule than {out}: not merged")
+    have = {run_key(r) for r in ours["runs"]}
+    clash = [slug(r) for r in theirs["runs"] if run_key(r) in have]
+    if clash:
+        raise SystemExit(f"{out} already holds {', '.join(clash)}: not merged (remove one copy first)")
+    for r in ours["runs"]:
+        r.setdefault("device", ours.get("device"))
+        r.setdefault("torch", ours.get("torch"))
+    added = [{**r, "device": r.get("device") or theirs.get("device"), "torch": r.get("torch") or theirs.get("torch")}
+             for r in theirs["runs"]]
+    ours["runs"] += added
+    atomic.write_json(out, ours)
+    return [slug(r) for r in added]
 
 
 # --------------------------------------------------------------------------------------------- a run
@@ -395,6 +419,18 @@ def _claims(by: dict) -> List[str]:
     return lines
 
 
+def _hardware(data: dict) -> str:
+    """Where the runs ran: the file's device and torch, or, when runs ran on several machines, each
+    machine with its runs."""
+    where = {}
+    for r in data["runs"]:
+        where.setdefault((r.get("device") or data["device"], r.get("torch") or data["torch"]), []).append(slug(r))
+    if len(where) <= 1:
+        device, torch_version = next(iter(where), (data["device"], data["torch"]))
+        return f"{device}, torch {torch_version}"
+    return "; ".join(f"{d}, torch {t} ({', '.join(runs)})" for (d, t), runs in where.items())
+
+
 def _table(data: dict, planned: Optional[List[dict]] = None) -> List[str]:
     """The lines of one results file's table and its claims. ``planned``: the protocol's runs, so a run
     not recorded yet shows as 'pending' (None: only the recorded runs are shown)."""
@@ -405,7 +441,7 @@ def _table(data: dict, planned: Optional[List[dict]] = None) -> List[str]:
     full = s.get("train_subset", 0) == 0 and s.get("train_images") == 50000
     lr_text = "cosine lr from" if s.get("lr_schedule") == "cosine" else "one-cycle lr up to"
     lines = [
-        f"Measured on {data['device']} ({data['date']}), torch {data['torch']}, {data['dataset']}: "
+        f"Measured on {_hardware(data)} ({data['date']}), {data['dataset']}: "
         f"{s['train_images']} training and {s['test_images']} test images, {s['epochs']} epoch(s) per run, "
         f"batch {s['batch_size']}, ResNets: SGD (Nesterov momentum 0.9, {lr_text} {s['lr']}, weight decay "
         f"{s['weight_decay']}{', grouped as the modes’ authors decay W and B' if s.get('decay_grouping') else ''}), "
@@ -505,6 +541,7 @@ def parse_args(argv=None):
     p.add_argument("--measure", type=int, default=0, metavar="STEPS", help="only time STEPS ResNet-20 steps and exit")
     p.add_argument("--target-minutes", type=float, default=20.0, help="with --measure: the time a ResNet-20 run should take")
     p.add_argument("--render-docs", action="store_true", help="only rewrite docs/feedback.md's table from the JSON")
+    p.add_argument("--merge", type=Path, metavar="FILE", help="only add the runs of FILE (same schedule) to --out")
     return p.parse_args(argv)
 
 
@@ -527,6 +564,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.render_docs:
         print(render_docs(args.out))
+        return
+    if args.merge:
+        print(f"added to {args.out}: {', '.join(merge(args.out, args.merge)) or 'nothing'}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -169,3 +169,25 @@ def test_a_partial_full_data_table_marks_the_runs_not_yet_run_and_keeps_the_shor
     full.unlink()
     block = bench.render_docs(full, docs, short_path=short)
     assert "No full-data run recorded yet" in block and "| fa | 61.5 | - |" in block
+
+
+def test_runs_made_elsewhere_merge_with_their_hardware_and_a_clash_changes_nothing(bench, tmp_path):
+    def results(device, runs, epochs=3):
+        return {**_header(epochs), "device": device, "torch": "t", "dataset": "CIFAR-10",
+                "runs": [{"mode": m, "depth": d, "variant": "tied", "net": "resnet", "test_error": e} for m, d, e in runs]}
+
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    ours.write_text(json.dumps(results("cpu: x86_64", [("bp", 20, 16.0)])))
+    theirs.write_text(json.dumps(results("cuda: H200", [("fa", 32, 60.0), ("bp", 32, 15.0)])))
+    assert bench.merge(ours, theirs) == ["fa-32-tied", "bp-32-tied"]
+    merged = json.loads(ours.read_text())
+    assert [(r["mode"], r["depth"], r["device"]) for r in merged["runs"]] == [
+        ("bp", 20, "cpu: x86_64"), ("fa", 32, "cuda: H200"), ("bp", 32, "cuda: H200")]
+    assert bench._hardware(merged) == "cpu: x86_64, torch t (bp-20-tied); cuda: H200, torch t (fa-32-tied, bp-32-tied)"
+    before = ours.read_text()
+    with pytest.raises(SystemExit, match="already holds fa-32-tied, bp-32-tied"):
+        bench.merge(ours, theirs)
+    theirs.write_text(json.dumps(results("cuda: H200", [("frsf", 20, 20.0)], epochs=4)))
+    with pytest.raises(SystemExit, match="another schedule"):
+        bench.merge(ours, theirs)
+    assert ours.read_text() == before
