@@ -18,12 +18,13 @@ With ``streaming=True`` every layer takes the first way, and its graph is not re
 the weight-sized result and the decay coefficients outlive the forward hook. Where the layer's family
 declares its backward halves (:meth:`hebbloss.layers.LayerType.adjoint`: every convolution and linear
 layer), a sum y x taken at once (streamed or not) comes from that weight-gradient product directly,
-over the batch in chunks of at most ``CHUNK_BYTES`` of y: the kernel's workspace (a reordered copy of
-y and of the input, about the size of y for the whole batch) then stays a few MiB, small enough for
-the CPU's cache, where the whole batch's is not (large early feature maps run faster in chunks than
-in one call; ``benchmarks/speed.py`` times the steps), and the layer's graph is not needed (nor, with
-``detach_input=False``, the re-run of the layer). Summed in chunks, the result is the whole
-batch's up to float rounding.
+on the CPU over the batch in chunks of at most ``CHUNK_BYTES`` of y: the kernel's workspace (a
+reordered copy of y and of the input, about the size of y for the whole batch) then stays a few MiB,
+small enough for the CPU's cache, where the whole batch's is not (large early feature maps run faster
+in chunks than in one call; ``benchmarks/speed.py`` times the steps); on a GPU, which has no such cache
+and pays for every kernel launch, in one call. The layer's graph is not needed (nor, with
+``detach_input=False``, the re-run of the layer). Summed in chunks, the result is the whole batch's up
+to float rounding.
 
 The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
 adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
@@ -60,7 +61,7 @@ class LocalTerm:
     # layer's own backward, taken in the hook (an in-place op after the layer moves z's grad_fn)
 
 
-CHUNK_BYTES = 4 * 2 ** 20  # y per weight-gradient call when streaming (at least one sample)
+CHUNK_BYTES = 4 * 2 ** 20  # y per weight-gradient call on the CPU (at least one sample); other devices: no chunks
 
 
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
@@ -107,11 +108,13 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
     """{id(param): sum y x for the weight, sum y for the bias} of the ``learning`` ones among ``weight``
     and ``bias``, for a call on input ``x`` whose post signal is ``post``: the layer's weight-gradient
     product (``adjoint.weight_grad``) summed over batch chunks of at most ``chunk_bytes`` of ``post``
-    (default :data:`CHUNK_BYTES`; one sample at least; an unbatched call is one chunk)."""
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    (default: :data:`CHUNK_BYTES` on the CPU, 0 elsewhere; 0 means the whole batch in one call; one
+    sample at least; an unbatched call is one chunk)."""
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES if post.device.type == "cpu" else 0
     batched = post.dim() > kind.spatial_dims + 1  # a leading batch dimension, shared with x
     per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
-    step = post.shape[0] if not per_sample else max(1, chunk_bytes // per_sample)
+    step = post.shape[0] if not (per_sample and chunk_bytes) else max(1, chunk_bytes // per_sample)
     out: Dict[int, torch.Tensor] = {}
     with torch.no_grad():
         if any(p is weight for p in learning):

@@ -314,3 +314,18 @@ def test_a_channels_last_conv_gives_the_loss_value_and_the_rule_update(streaming
     torch.testing.assert_close(loss.detach(), expected_value, **TOL)
     for p, expected in zip((layer.weight, layer.bias), _grads_of_reference(layer, x, z, torch.relu, "oja", "sum")):
         torch.testing.assert_close(p.grad, expected, **TOL)
+
+
+@pytest.mark.parametrize("device, calls", [("cpu", 5), ("meta", 1)])
+def test_the_weight_gradient_is_taken_in_cache_sized_chunks_on_the_cpu_and_whole_elsewhere(monkeypatch, device, calls):
+    """Chunks keep the kernel's workspace in the CPU's cache; a GPU (here the meta device, which has none
+    either) gets the whole batch in one call: fewer kernel launches."""
+    layer = nn.Conv2d(2, 3, 3, padding=1).to(device)
+    x = torch.ones(5, 2, 6, 6, device=device)
+    with torch.no_grad():
+        z = layer(x)
+    kind = hebbloss.layers.layer_type_of(layer)
+    counting = _Counting(kind.adjoint(layer, x, z))
+    monkeypatch.setattr(hebbloss._local, "CHUNK_BYTES", z[0].numel() * z.element_size())  # one sample
+    got = hebbloss._local.chunked_hebbian(layer.weight, layer.bias, kind, counting, x, z, [layer.weight, layer.bias])
+    assert counting.calls == calls and got[id(layer.weight)].shape == layer.weight.shape
