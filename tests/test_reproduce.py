@@ -97,3 +97,34 @@ def test_the_authors_code_control_is_set_beside_our_miconi_rows_and_has_no_targe
     control = report.section(his, his["rows"])
     assert "| authors-code | 3 | paper | 62.00 (JPEG copy) |" in control and "Targets" not in control
     assert "author's own code" not in report.section(ours)  # no control recorded: no comparison line
+
+
+def test_rows_recorded_on_another_machine_carry_it_and_the_page_names_each_machine(tmp_path):
+    cpu = {"cpu": "EPYC", "cores": 2, "torch_threads": 2, "gpu": None, "torch": "2.14"}
+    gpu = {**cpu, "cores": 16, "gpu": "NVIDIA H200", "torch": "2.11"}
+    header = {"paper": "p", "data": "CIFAR-10", "command": "c", "config": {}}
+    ledger.Experiment("x", {**header, "hardware": cpu}, folder=tmp_path).record([_row("depth3", 3, 70.0)])
+    ledger.Experiment("x", {**header, "hardware": gpu}, folder=tmp_path).record([_row("depth3", 3, 71.0, seed=1)])
+    saved = json.loads((tmp_path / "x.json").read_text())
+    assert saved["hardware"] == cpu and [r["hardware"]["gpu"] for r in saved["rows"]] == [None, "NVIDIA H200"]
+    text = report.section(saved)
+    assert ("Hardware: 2 CPU cores (EPYC), 2 torch thread(s), torch 2.14 (depth3 seed 0); "
+            "GPU NVIDIA H200, 2 torch thread(s), torch 2.11 (depth3 seed 1).") in text
+    one = {**saved, "rows": saved["rows"][:1]}
+    assert "Hardware: 2 CPU cores (EPYC), 2 torch thread(s), torch 2.14." in report.section(one)
+
+
+def test_the_scripts_pass_their_device_to_every_phase(tmp_path, monkeypatch):
+    import miconi2021
+    calls = []
+    monkeypatch.setattr(ledger, "train", lambda folder, args, log, threads: calls.append(list(args)) or {"seconds": 1.0})
+    monkeypatch.setattr(ledger, "hebbloss", lambda args, log, threads: calls.append(list(args)) or 2.0)
+    monkeypatch.setattr(ledger, "results_of", lambda folder: {})
+    monkeypatch.setattr(ledger, "probe_rows", lambda results: [
+        {"layer": n, "test_acc": 0.5, "train_acc": 0.6, "dim": 4} for n in miconi2021.READ.values()])
+    args = type("A", (), {"work": tmp_path, "data_dir": tmp_path, "epochs": 20, "limit": None, "threads": 1,
+                          "device": "cuda:1"})()
+    rows = miconi2021.run(args, "plain", 0)
+    train, probe = calls
+    assert train[train.index("--device") + 1] == "cuda:1" and probe[probe.index("--device") + 1] == "cuda:1"
+    assert len(rows) == 3 and "--device cuda:1" in rows[0]["command"]

@@ -29,8 +29,8 @@ KEY = ("model", "dataset", "variant", "layer", "readout", "seed")
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
-def hardware(threads: int) -> Dict[str, Any]:
-    """The machine a run used: CPU model and cores, torch threads, GPU when one was used."""
+def hardware(threads: int, device: str = "cpu") -> Dict[str, Any]:
+    """The machine a run used: CPU model and cores, torch threads, and the GPU when ``device`` is one."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -41,7 +41,7 @@ def hardware(threads: int) -> Dict[str, Any]:
                 break
     except OSError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version()}
 
@@ -64,6 +64,7 @@ class Experiment:
             self.data = {"experiment": name, **header, "rows": []}
         self.data.update({k: v for k, v in header.items() if k not in ("hardware",)})
         self.data.setdefault("hardware", header.get("hardware"))
+        self.hardware = header.get("hardware")  # this process's machine: each row it records carries it
 
     def has(self, **key) -> bool:
         """Whether a row with these key fields is recorded."""
@@ -81,7 +82,7 @@ class Experiment:
             for row in rows:
                 key = {k: row[k] for k in KEY}
                 self.data["rows"] = [r for r in self.data["rows"] if {k: r.get(k) for k in KEY} != key]
-                self.data["rows"].append(dict(row))
+                self.data["rows"].append({**row, "hardware": row.get("hardware", self.hardware)})
             atomic.write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 

@@ -37,13 +37,13 @@ def run(args, variant: str, seed: int):
     folder = args.work / f"miconi2021-{variant}-seed{seed}"
     log = args.work / "logs" / f"{folder.name}.log"
     train_args = ["--model", "miconi2021", "--dataset", "cifar10", "--data-dir", args.data_dir, "--seed", seed,
-                  "--epochs", args.epochs]
+                  "--epochs", args.epochs, "--device", args.device]
     for key, value in VARIANTS[variant].items():
         train_args += ["--model-arg", f"{key}={str(value).lower()}"]
     if args.limit:
         train_args += ["--limit", args.limit]
     train = ledger.train(folder, train_args, log, args.threads)
-    probe = ["probe", "--run", folder, "--method", "paper", "--baselines", "none", "--no-progress"]
+    probe = ["probe", "--run", folder, "--method", "paper", "--baselines", "none", "--device", args.device, "--no-progress"]
     probe_seconds = ledger.hebbloss(probe, log, args.threads)
     by_layer = {r["layer"]: r for r in ledger.probe_rows(ledger.results_of(folder))}
     command = ledger.command_line(["train", *train_args]) + " && " + ledger.command_line(probe).replace(str(folder), "RUN")
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path, default=ledger.SHARED)
     p.add_argument("--work", type=Path, default=ledger.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    p.add_argument("--device", default="cpu", help="torch device of training and readout, e.g. cuda (each row records its hardware)")
     p.add_argument("--out", type=Path, default=ledger.RESULTS, help="folder of the results JSON")
     args = p.parse_args(argv)
     if not (args.data_dir / "cifar10").exists():
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     name = "miconi2021-cifar10" + (f"-quick-e{args.epochs}-n{args.limit}" if quick else "")
     exp = ledger.Experiment(name, {
         "paper": PAPER, "data": ledger.data_description("cifar10", args.data_dir),
-        "hardware": ledger.hardware(args.threads),
+        "hardware": ledger.hardware(args.threads, args.device),
         "command": "python benchmarks/reproduce/miconi2021.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"hebbian": f"the recipe miconi2021 (hebbloss.models.miconi2021), {args.epochs} epochs, batch 100, hflip, "
                               "Miconi's ZCA, 200 threshold-only batches",

@@ -82,13 +82,24 @@ def _hardware(h: Dict) -> str:
     return f"{where}, {h.get('torch_threads')} torch thread(s), torch {h.get('torch')}"
 
 
+def _hardware_of_rows(record: dict) -> str:
+    """The file's hardware, or, where rows ran on several machines, each machine with its rows."""
+    where: Dict[str, List[str]] = {}
+    for r in record["rows"]:
+        where.setdefault(_hardware(r.get("hardware") or record.get("hardware", {})), []).append(
+            f"{r['variant']} seed {r['seed']}")
+    if len(where) <= 1:
+        return _hardware(record.get("hardware", {}))
+    return "; ".join(f"{h} ({', '.join(dict.fromkeys(rows))})" for h, rows in where.items())
+
+
 def section(record: dict, control: Sequence[dict] = ()) -> str:
     """One experiment's table and targets; ``control``: the authors' own code's rows for the same model and
     data (variant ``authors-code``), set beside ours in the targets."""
     rows = record["rows"]
     cifar = any(r["dataset"] == "cifar10" for r in rows) or "CIFAR-10" in record.get("data", "")
     lines = [f"## {record['experiment']}", "", f"Paper: {record['paper']}.", "",
-             f"Data: {record['data']}.", "", f"Hardware: {_hardware(record.get('hardware', {}))}.", "",
+             f"Data: {record['data']}.", "", f"Hardware: {_hardware_of_rows(record)}.", "",
              f"Script: `{record['command'].strip()}`.", ""]
     config = record.get("config") or {}
     if config:

@@ -70,14 +70,14 @@ def hebbian_or_random(exp, args, variant: str, depth: int, seed: int):
     folder = args.work / f"{args.dataset}-{variant}-depth{depth}-seed{seed}"
     log = args.work / "logs" / f"{folder.name}.log"
     common = ["--model", "softhebb", "--model-arg", f"depth={depth}", "--dataset", args.dataset,
-              "--data-dir", args.data_dir, "--seed", seed]
+              "--data-dir", args.data_dir, "--seed", seed, "--device", args.device]
     train_args = list(common)
     if variant == "random-bn-data":
         train_args += ["--warmup-steps", math.ceil(TRAIN_IMAGES[args.dataset] / 10)]
     train = ledger.train(folder, train_args, log, args.threads)
     seconds = {"hebbian_epoch" if variant == "hebbian" else "statistics_pass": train["seconds"]}
     probe = ["probe", "--run", folder, "--method", "paper", "--probe-layers", f"pool{depth}", "--baselines", "none",
-             "--no-progress"]
+             "--device", args.device, "--no-progress"]
     if args.readout_epochs:
         probe += ["--readout-epochs", args.readout_epochs]
     seconds["features_and_readout"] = ledger.hebbloss(probe, log, args.threads)
@@ -97,19 +97,19 @@ def api_baseline(exp, args, variant: str, depth: int, seed: int):
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset, args.data_dir)
-    model = hebbloss.models.create("softhebb", dataset=args.dataset.replace("-", ""), depth=depth, seed=seed)
+    model = hebbloss.models.create("softhebb", dataset=args.dataset.replace("-", ""), depth=depth, seed=seed).to(args.device)
     seconds = {}
     if variant == "backprop":
         model, seconds["backprop_training"] = trained_by_backprop(model, ds, args, depth, seed)
     started = time.perf_counter()
     x, xt = ds.train_images.float() / 255, ds.test_images.float() / 255
     result = evaluate_paper_readout(model.eval(), "softhebb", x, ds.train_labels, xt, ds.test_labels,
-                                    layers=[f"pool{depth}"], seed=seed,
+                                    layers=[f"pool{depth}"], seed=seed, device=args.device,
                                     **({"epochs": args.readout_epochs} if args.readout_epochs else {}))
     seconds["features_and_readout"] = time.perf_counter() - started
     r = result[f"pool{depth}"]
     command = (f"python benchmarks/reproduce/softhebb.py --dataset {args.dataset} --depths {depth} "
-               f"--variants {variant} --seeds {seed}")
+               f"--variants {variant} --seeds {seed}" + (f" --device {args.device}" if args.device != "cpu" else ""))
     row = {"model": "softhebb", "dataset": args.dataset, "variant": variant, "layer": depth, "readout": "paper",
            "seed": seed, "test_accuracy": round(100 * r.test_acc, 2), "train_accuracy": round(100 * r.train_acc, 2),
            "paper_accuracy": paper_accuracy(args.dataset, variant, depth),
@@ -136,7 +136,7 @@ def trained_by_backprop(model, ds, args, depth: int, seed: int):
     saved = folder / "backprop.pt"
     if saved.exists():
         state = torch.load(saved, map_location="cpu")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # onto the model's own device
         return model, state["seconds"]
     started = time.perf_counter()
     model = backprop_copy(model, ds.train_images, ds.train_labels, len(ds.classes), epochs=args.backprop_epochs,
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path, default=ledger.SHARED)
     p.add_argument("--work", type=Path, default=ledger.ROOT / "hebbloss-reproduce", help="run folders, logs, checkpoints")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    p.add_argument("--device", default="cpu", help="torch device of every phase, e.g. cuda (each row records its hardware)")
     p.add_argument("--backprop-epochs", type=int, default=2,
                    help="epochs of the backprop baseline (2: what fits in about 60 minutes at depth 3 on 2 CPU cores)")
     p.add_argument("--readout-epochs", type=int, default=None, help="override the paper's 50 (quick checks only)")
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     name = f"softhebb-{args.dataset}" + ("" if args.readout_epochs is None else f"-readout{args.readout_epochs}")
     exp = ledger.Experiment(name, {
         "paper": PAPER, "data": ledger.data_description(args.dataset, args.data_dir),
-        "hardware": ledger.hardware(args.threads),
+        "hardware": ledger.hardware(args.threads, args.device),
         "command": "python benchmarks/reproduce/softhebb.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"hebbian": "the recipe softhebb-" + args.dataset + " (hebbloss.models.softhebb): batch 10, 1 epoch",
                    "readout": "paper: dropout 0.5 + linear on the last block, Adam 1e-3, batch 64, "
