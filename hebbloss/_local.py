@@ -24,7 +24,9 @@ small enough for the CPU's cache, where the whole batch's is not (large early fe
 in chunks than in one call; ``benchmarks/speed.py`` times the steps); on a GPU, which has no such cache
 and pays for every kernel launch, in one call. The layer's graph is not needed (nor, with
 ``detach_input=False``, the re-run of the layer). Summed in chunks, the result is the whole batch's up
-to float rounding.
+to float rounding. The term's value then comes from that product too (:func:`_term_from_product`), as
+does SoftHebb's decay S_c = sum y z: with G = sum y x, <y_c, z_c> = <W_c, G_c> + b_c sum y_c, sums of
+weight-sized tensors where reading y and z again would cost two more passes over the activations.
 
 The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
 adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
@@ -40,7 +42,7 @@ import torch
 
 from .layers import Adjoint, LayerType
 from .rules import Rule
-from .surrogate import decay_coefficients, mean_scale, surrogate_sums
+from .surrogate import decay_coefficients, decay_norm, mean_scale, surrogate_sums
 
 
 @dataclass
@@ -73,17 +75,21 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     and the layer family's ``adjoint`` for this call and its input ``x`` are given, it is taken in batch
     chunks by that adjoint, without the graph (which stays as it was for any other backward)."""
     post, detached = (post.detach() if post.requires_grad else post), output.detach()
+    learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
+    trained = bool(learning) and output.requires_grad
+    if trained and at_once(weight, post, streaming) and adjoint is not None and x is not None \
+            and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)):
+        return _term_from_product(weight, bias, kind, groups, output, post, rule, reduction, adjoint, x, learning)
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
         correlation, decay_norm = surrogate_sums(detached, post, weight, bias, decay, kind, groups)
     term = LocalTerm(weight, bias, kind, groups, mean_scale(kind, output, reduction), decay, correlation,
                      decay_norm, {})
-    learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
-    if not learning or not output.requires_grad:
+    if not trained:
         return term  # a frozen layer: its term has a value and no gradient
     if not at_once(weight, post, streaming):
         term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
-    elif adjoint is not None and x is not None:
+    elif adjoint is not None and x is not None:  # a bias that is not one value per unit
         term.hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
     else:
         # the bias's sum y is summed here, not asked of the graph: convolution_backward is 5-20% slower on
@@ -95,6 +101,30 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
         if by_sum:
             term.hebbian[id(bias)] = _bias_sum(post, kind, bias)
     return term
+
+
+def _term_from_product(weight, bias, kind: LayerType, groups: int, output, post, rule: Rule, reduction: str,
+                       adjoint: Adjoint, x: torch.Tensor, learning) -> LocalTerm:
+    """The term of a layer whose Hebbian half is taken at once by its family's weight-gradient product
+    G = sum y x. As z = W x + b is linear in W, each unit's correlation is
+    <y_c, z_c> = <W_c, G_c> + b_c sum y_c: the loss's value (and SoftHebb's S_c, which is that
+    correlation) comes from weight-sized tensors, where reading y and z again would cost two passes
+    over the layer's activations. Equal to the direct sums up to float rounding."""
+    hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
+    with torch.no_grad():
+        w = weight.detach()
+        product = hebbian[id(weight)]
+        wide = torch.promote_types(w.dtype, torch.float32)
+        units = (kind.unit_weights(w, groups).to(wide) * kind.unit_weights(product, groups).to(wide)).sum(dim=1)
+        if bias is not None:
+            post_sum = hebbian[id(bias)] if id(bias) in hebbian else _bias_sum(post, kind, bias)
+            units.addcmul_(bias.detach().to(wide), post_sum.to(wide))
+        if rule.decay_is_correlation():
+            decay = units.to(w.dtype)
+        else:
+            decay = decay_coefficients(rule, kind, output.detach(), post, w.dtype)
+        norm = decay_norm(w, None if bias is None else bias.detach(), decay, kind, groups)
+    return LocalTerm(weight, bias, kind, groups, mean_scale(kind, output, reduction), decay, units.sum(), norm, hebbian)
 
 
 def at_once(weight: torch.Tensor, post: torch.Tensor, streaming: bool) -> bool:

@@ -78,6 +78,11 @@ class Rule:
         channel_dim %= output.dim()
         return density.sum(dim=[d for d in range(output.dim()) if d != channel_dim])
 
+    def decay_is_correlation(self) -> bool:
+        """Whether S_c is the unit's own correlation sum y*z (then it can be read off the weight-gradient
+        product sum y x, as <W_c, sum y x_c> + b_c sum y_c, without reading y and z again). False here."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -183,6 +188,10 @@ class SoftHebb(Rule):
 
     def decay(self, post, output):
         return post * output
+
+    def decay_is_correlation(self) -> bool:
+        """True, unless a subclass changed how S_c is computed."""
+        return type(self).decay is SoftHebb.decay and type(self).coefficients is Rule.coefficients
 
 
 def available() -> list:

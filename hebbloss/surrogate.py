@@ -68,12 +68,17 @@ def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, gr
     Half-precision y and z (autocast) are summed in float32: a float16 <y, z> over a large layer passes
     float16's largest value (65,504) long before any element does, and the loss would read Inf."""
     correlation = torch.dot(*(t.float() if t.dtype in _HALF else t for t in flat_pair(post, output)))
+    return correlation, decay_norm(weight, bias, decay, kind, groups)
+
+
+def decay_norm(weight, bias, decay, kind: layers.LayerType, groups: int) -> Optional[torch.Tensor]:
+    """sum_c S_c (||W_c||^2 + b_c^2), or None when S = 0 (``decay`` None)."""
     if decay is None:
-        return correlation, None
+        return None
     norm_sq = torch.linalg.vector_norm(kind.unit_weights(weight, groups), dim=1).square_()
     if bias is not None:
         norm_sq.addcmul_(bias, bias)
-    return correlation, torch.dot(decay, norm_sq)
+    return torch.dot(decay, norm_sq)
 
 
 class _Surrogate(torch.autograd.Function):

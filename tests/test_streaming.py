@@ -13,6 +13,7 @@ from torch.nn.utils import prune
 
 import hebbloss
 import hebbloss._local
+import reference
 from reference import D, rule_update, tf_same_pad
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -78,12 +79,48 @@ def test_streaming_gives_the_rule_update_on_every_layer_kind(kind, rule, reducti
     record = plastic.records["0"][0]
     assert record.output is None and record.local is None and record.post is None  # all let go
     assert not out.requires_grad  # passed on detached: nothing keeps a graph back into the layer
-    plastic.loss().backward()
+    loss = plastic.loss()
+    loss.backward()
     plastic.remove()
     with torch.no_grad():
         z = layer(x)
     for p, expected in zip(hebbloss.layers.plastic_parameters(layer), _grads_of_reference(layer, x, z, post, rule, reduction)):
         torch.testing.assert_close(p.grad, expected, **TOL)
+    torch.testing.assert_close(loss, _value_of_reference(layer, z, post, rule, reduction), **TOL)
+
+
+def _value_of_reference(layer, z, post, rule, reduction):
+    """-sum y z + 1/2 sum_c S_c (||W_c||^2 + b_c^2), divided by the (sample, position) pairs for "mean"."""
+    y = z if post is None else post(z)
+    channel = -1 if isinstance(layer, nn.Linear) else 1
+    S = reference.decay_coefficients(rule, y, z, channel)
+    n = z.numel() // z.shape[channel] if reduction == "mean" else 1
+    return (-(y.to(D) * z.to(D)).sum() + 0.5 * (S * reference.unit_norms_sq(layer)).sum()) / n
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_softhebb_subclass_with_its_own_decay_is_not_read_off_the_weight_gradient(streaming):
+    """SoftHebb's S_c = sum y z is taken from the weight-gradient product; a subclass that changes the
+    density must get its own S_c (here 2 y z), not the parent's."""
+
+    class DoubleSoftHebb(hebbloss.rules.SoftHebb):
+        def decay(self, post, output):
+            return 2 * post * output
+
+    torch.manual_seed(1)
+    layer = nn.Conv2d(2, 3, 3, padding=1).to(D)
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    plastic = hebbloss.attach(layer, rule=DoubleSoftHebb(), post=torch.tanh, streaming=streaming)
+    z = layer(x)
+    loss = plastic.loss()
+    loss.backward()
+    plastic.remove()
+    y, z = torch.tanh(z.detach()), z.detach()
+    S = 2 * (y * z).sum(dim=(0, 2, 3))
+    dW, db = reference.reference_update("conv", layer.weight.detach(), layer.bias.detach(), x, y, S, padding=1)
+    torch.testing.assert_close(layer.weight.grad, -dW, **TOL)
+    torch.testing.assert_close(layer.bias.grad, -db, **TOL)
+    torch.testing.assert_close(loss, -(y * z).sum() + 0.5 * (S * reference.unit_norms_sq(layer)).sum(), **TOL)
 
 
 class Net(nn.Module):
