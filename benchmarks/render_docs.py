@@ -238,13 +238,15 @@ def speed_tables(run: dict, targets: dict) -> list:
             for reason in g["reasons"]:
                 text = reason["reason"].replace("|", "\\|")
                 lines.append(f"| {model} | {reason['count']} | {text} | {reason['where'] or '(outside hebbloss)'} |")
-        lines += ["", "The model's own layers compile; each plastic layer's forward hook splits the graph, as the hook "
-                  "leaves the traced code: `torch.autograd.grad` where the layer's Hebbian gradient is taken at once "
-                  "(`_local.local_term`), `torch.autograd.graph.get_gradient_edge` where it waits for the backward "
-                  "(a non-Tensor result), and the check that the post signal did not change the layer's output in "
-                  "place (a comparison of tensor versions, `attach._record`). A compiled Hebbian step therefore runs "
-                  "the model as one compiled graph per stretch between plastic layers, and the ratios above say "
-                  "whether that pays on this hardware.",
+        lines += ["", "The model's own layers compile; each plastic layer's forward hook splits the graph. The hook "
+                  "cannot be traced whole (`torch.autograd.grad` where the layer's Hebbian gradient is taken at once, "
+                  "`torch.autograd.graph.get_gradient_edge` where it waits for the backward, the check that the post "
+                  "signal did not change the layer's output in place), so hebbloss runs it eagerly "
+                  "(`torch.compiler.disable`): traced, dynamo specialised it on each layer's name and recompiled it per "
+                  "layer until its recompile limit. Figures measured before that change list the reasons of the "
+                  "traced hook (`attach._record`, `_local.local_term`). A compiled Hebbian step therefore runs the "
+                  "model as one compiled graph per stretch between plastic layers, and the ratios above say whether "
+                  "that pays on this hardware.",
                   "",
                   "Where a compiled graph donates its buffers (its backward may run only once; the SoftHebb network's "
                   "blocks do), the plain Hebbian step cannot keep a layer's graph for a later backward, and hebbloss "

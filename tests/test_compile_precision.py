@@ -62,7 +62,7 @@ def _batch(device="cpu"):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_compiled_hebbian_step_gives_the_rule_update(streaming, rule="softhebb"):
     """torch.compile of a model with attach: forward through the compiled model, loss() and backward.
-    The forward hooks run in the compiled code (dynamo splits the graph at each layer's hook). One
+    The forward hooks run eagerly between the compiled graphs (torch.compiler.disable). One
     rule only: inductor's first compile on CPU takes 15-90 s on 2 loaded cores, the most of this file.
     (A model whose compiled graphs donate their buffers needs streaming=True: see docs/performance.md.)"""
     net, x = _net(), _batch()
@@ -147,3 +147,33 @@ def test_a_half_precision_layer_whose_correlation_passes_float16s_range_gives_a_
     assert (layer.weight.grad.to(D) - expected).abs().max() / expected.abs().max() < 1e-2
     direct = hebbloss.surrogate_loss(layer.weight, z.detach().requires_grad_(), z.detach(), "hebb")
     assert torch.isfinite(direct) and abs(direct.to(D) - reference) / reference.abs() < 1e-4
+
+
+def test_a_compiled_model_with_more_plastic_layers_than_dynamos_recompile_limit_compiles_each_stretch_once():
+    """The hooks are not traced: traced, dynamo specialised the hook on each layer's name and compiled it
+    again for every layer (then gave up at its recompile limit of 8). Here 12 plastic layers: the model
+    compiles into at most one graph per stretch between hooks, none of them holds the hook's sums, and a
+    second call compiles nothing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(12)]).to(D)
+    plastic = hebbloss.attach(net, rule="oja", post="identity")
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=counting_backend)
+    x = torch.randn(4, 6, dtype=D)
+    compiled(x)
+    first = len(graphs)
+    net.zero_grad(set_to_none=True)
+    plastic.loss().backward()
+    compiled(x)
+    plastic.loss()
+    assert first <= 13 and len(graphs) == first, (first, len(graphs))
+    traced_hook = [g for g in graphs if "dot" in g.code or "vector_norm" in g.code]  # the surrogate's sums
+    assert not traced_hook, traced_hook[0].code
+    plastic.remove()
+    torch._dynamo.reset()
