@@ -123,6 +123,24 @@ def test_softwta_matches_reference(beta, anti, c, seed):
     assert torch.allclose(SoftWTA(beta, anti_hebbian=anti)(u), softwta_reference(u, beta, anti), atol=1e-12)
 
 
+@pytest.mark.parametrize("anti", [True, False])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_softwta_sets_subnormal_values_to_zero_and_keeps_the_rest(anti, requires_grad):
+    """exp(-100) = 3.7e-44 is subnormal in float32: set to 0 (products with subnormals are slow on many
+    CPUs); every other value is the float64 reference's, rounded to float32."""
+    u = torch.tensor([[[0.0]], [[-100.0]], [[-20.0]], [[-1.0]]]).movedim(0, 1)  # [1, 4 channels, 1, 1]
+    u.requires_grad_(requires_grad)
+    y = SoftWTA(1.0, anti_hebbian=anti)(u)
+    expected = softwta_reference(u.detach().to(D), 1.0, anti)
+    assert expected[0, 1].abs() < torch.finfo(torch.float32).tiny and y[0, 1].item() == 0.0
+    assert torch.isfinite(y).all() and not ((y != 0) & (y.abs() < torch.finfo(torch.float32).tiny)).any()
+    keep = torch.tensor([True, False, True, True])
+    torch.testing.assert_close(y.detach()[0, keep].to(D), expected[0, keep], rtol=2e-7, atol=0)
+    if requires_grad:  # the subnormals' removal does not break the softmax's backward
+        y.sum().backward()
+        assert torch.isfinite(u.grad).all()
+
+
 @pytest.mark.parametrize("beta", [-1.0, 0.0, float("nan"), float("inf")])
 def test_softwta_rejects_bad_temperature(beta):
     with pytest.raises(ValueError, match="inverse_temperature"):
