@@ -8,6 +8,7 @@ of layers 2 and 3 removed).
 
     python benchmarks/reproduce/miconi2021.py
     python benchmarks/reproduce/miconi2021.py --variants triangle-pruning --seeds 0 1 2
+    python benchmarks/reproduce/miconi2021.py --device cuda --seeds 1 2                # on a GPU; rows name their machine
 
 Every finished run is written to benchmarks/results/reproduce/miconi2021-cifar10.json at once; runs
 already there are skipped; an interrupted run resumes from its checkpoint (written every 500 steps).

@@ -7,6 +7,7 @@ random weights and trained end to end by backprop, read the same way.
     python benchmarks/reproduce/softhebb.py                                  # CIFAR-10, depths 3, 1, 2
     python benchmarks/reproduce/softhebb.py --dataset mnist --depths 3
     python benchmarks/reproduce/softhebb.py --variants random --seeds 0 1 2
+    python benchmarks/reproduce/softhebb.py --device cuda --seeds 1 2 --depths 3   # on a GPU; rows name their machine
 
 Every finished run is written to benchmarks/results/reproduce/softhebb-DATASET.json at once; runs
 already there are skipped; an interrupted Hebbian run resumes from its checkpoint.
