@@ -78,7 +78,8 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
     trained = bool(learning) and output.requires_grad
     if trained and at_once(weight, post, streaming) and adjoint is not None and x is not None \
-            and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)):
+            and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)) \
+            and post.element_size() >= 4:  # half precision: a float16 G can overflow where <y, z> in float32 does not
         return _term_from_product(weight, bias, kind, groups, output, post, rule, reduction, adjoint, x, learning)
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
@@ -109,7 +110,8 @@ def _term_from_product(weight, bias, kind: LayerType, groups: int, output, post,
     G = sum y x. As z = W x + b is linear in W, each unit's correlation is
     <y_c, z_c> = <W_c, G_c> + b_c sum y_c: the loss's value (and SoftHebb's S_c, which is that
     correlation) comes from weight-sized tensors, where reading y and z again would cost two passes
-    over the layer's activations. Equal to the direct sums up to float rounding."""
+    over the layer's activations. Equal to the direct sums up to float rounding. Not for half-precision
+    signals (autocast), whose G is summed in float16 and can overflow where the float32 <y, z> does not."""
     hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
     with torch.no_grad():
         w = weight.detach()
