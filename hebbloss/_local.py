@@ -42,7 +42,7 @@ import torch
 
 from .layers import Adjoint, LayerType
 from .rules import Rule
-from .surrogate import decay_coefficients, decay_norm, mean_scale, surrogate_sums
+from .surrogate import HALF, decay_coefficients, decay_norm, mean_scale, surrogate_sums
 
 
 @dataclass
@@ -77,9 +77,10 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     post, detached = (post.detach() if post.requires_grad else post), output.detach()
     learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
     trained = bool(learning) and output.requires_grad
-    if trained and at_once(weight, post, streaming) and adjoint is not None and x is not None \
-            and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)) \
-            and post.element_size() >= 4:  # half precision: a float16 G can overflow where <y, z> in float32 does not
+    now = trained and at_once(weight, post, streaming)
+    by_adjoint = now and adjoint is not None and x is not None
+    if by_adjoint and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)) \
+            and post.dtype not in HALF:  # a half-precision G can overflow where <y, z> in float32 does not
         return _term_from_product(weight, bias, kind, groups, output, post, rule, reduction, adjoint, x, learning)
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
@@ -88,9 +89,9 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
                      decay_norm, {})
     if not trained:
         return term  # a frozen layer: its term has a value and no gradient
-    if not at_once(weight, post, streaming):
+    if not now:
         term.post, term.edge = post, torch.autograd.graph.get_gradient_edge(output)
-    elif adjoint is not None and x is not None:  # a bias that is not one value per unit
+    elif by_adjoint:  # half precision, a frozen weight, or a bias that is not one value per unit
         term.hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
     else:
         # the bias's sum y is summed here, not asked of the graph: convolution_backward is 5-20% slower on
@@ -114,18 +115,17 @@ def _term_from_product(weight, bias, kind: LayerType, groups: int, output, post,
     signals (autocast), whose G is summed in float16 and can overflow where the float32 <y, z> does not."""
     hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
     with torch.no_grad():
-        w = weight.detach()
-        product = hebbian[id(weight)]
-        wide = torch.promote_types(w.dtype, torch.float32)
-        units = (kind.unit_weights(w, groups).to(wide) * kind.unit_weights(product, groups).to(wide)).sum(dim=1)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        product = kind.unit_weights(hebbian[id(weight)], groups).to(wide)
+        units = (kind.unit_weights(weight, groups).to(wide) * product).sum(dim=1)
         if bias is not None:
             post_sum = hebbian[id(bias)] if id(bias) in hebbian else _bias_sum(post, kind, bias)
-            units.addcmul_(bias.detach().to(wide), post_sum.to(wide))
+            units.addcmul_(bias.to(wide), post_sum.to(wide))
         if rule.decay_is_correlation():
-            decay = units.to(w.dtype)
+            decay = units.to(weight.dtype)
         else:
-            decay = decay_coefficients(rule, kind, output.detach(), post, w.dtype)
-        norm = decay_norm(w, None if bias is None else bias.detach(), decay, kind, groups)
+            decay = decay_coefficients(rule, kind, output.detach(), post, weight.dtype)
+        norm = decay_norm(weight, bias, decay, kind, groups)
     return LocalTerm(weight, bias, kind, groups, mean_scale(kind, output, reduction), decay, units.sum(), norm, hebbian)
 
 

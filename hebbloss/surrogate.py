@@ -59,7 +59,7 @@ def flat_pair(a: torch.Tensor, b: torch.Tensor):
     return a.reshape(-1), b.reshape(-1)
 
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF = (torch.float16, torch.bfloat16)  # summed in float32 here
 
 
 def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, groups: int):
@@ -67,7 +67,7 @@ def surrogate_sums(output, post, weight, bias, decay, kind: layers.LayerType, gr
     Call it where no graph is recorded (under ``torch.no_grad()`` or in an autograd Function's forward).
     Half-precision y and z (autocast) are summed in float32: a float16 <y, z> over a large layer passes
     float16's largest value (65,504) long before any element does, and the loss would read Inf."""
-    correlation = torch.dot(*(t.float() if t.dtype in _HALF else t for t in flat_pair(post, output)))
+    correlation = torch.dot(*(t.float() if t.dtype in HALF else t for t in flat_pair(post, output)))
     return correlation, decay_norm(weight, bias, decay, kind, groups)
 
 
