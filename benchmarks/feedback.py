@@ -228,6 +228,11 @@ def run_all(specs: List[dict], payload: dict, out: Path, run_fn: Callable[[dict,
     return payload
 
 
+def hardware_of(run: dict, data: dict) -> tuple:
+    """(device, torch) a run ran on: its own, or, for a run recorded before runs carried them, its file's."""
+    return run.get("device") or data.get("device"), run.get("torch") or data.get("torch")
+
+
 def merge(out: Path, other: Path) -> List[str]:
     """Add the runs recorded in ``other`` (e.g. runs of the same schedule made on a GPU machine) to the
     results at ``out``; returns the slugs added. Refused, with ``out`` unchanged, when the schedules differ
@@ -241,12 +246,12 @@ def merge(out: Path, other: Path) -> List[str]:
     clash = [slug(r) for r in theirs["runs"] if run_key(r) in have]
     if clash:
         raise SystemExit(f"{out} already holds {', '.join(clash)}: not merged (remove one copy first)")
-    for r in ours["runs"]:
-        r.setdefault("device", ours.get("device"))
-        r.setdefault("torch", ours.get("torch"))
-    added = [{**r, "device": r.get("device") or theirs.get("device"), "torch": r.get("torch") or theirs.get("torch")}
-             for r in theirs["runs"]]
-    ours["runs"] += added
+    def pinned(run, data):
+        device, torch_version = hardware_of(run, data)
+        return {**run, "device": device, "torch": torch_version}
+
+    added = [pinned(r, theirs) for r in theirs["runs"]]
+    ours["runs"] = [pinned(r, ours) for r in ours["runs"]] + added
     atomic.write_json(out, ours)
     return [slug(r) for r in added]
 
@@ -424,7 +429,7 @@ def _hardware(data: dict) -> str:
     machine with its runs."""
     where = {}
     for r in data["runs"]:
-        where.setdefault((r.get("device") or data["device"], r.get("torch") or data["torch"]), []).append(slug(r))
+        where.setdefault(hardware_of(r, data), []).append(slug(r))
     if len(where) <= 1:
         device, torch_version = next(iter(where), (data["device"], data["torch"]))
         return f"{device}, torch {torch_version}"
