@@ -18,11 +18,12 @@ With ``streaming=True`` every layer takes the first way, and its graph is not re
 the weight-sized result and the decay coefficients outlive the forward hook. Where the layer's family
 declares its backward halves (:meth:`hebbloss.layers.LayerType.adjoint`: every convolution and linear
 layer), a sum y x taken at once (streamed or not) comes from that weight-gradient product directly,
-on the CPU over the batch in chunks of at most ``CHUNK_BYTES`` of y: the kernel's workspace (a
-reordered copy of y and of the input, about the size of y for the whole batch) then stays a few MiB,
-small enough for the CPU's cache, where the whole batch's is not (large early feature maps run faster
-in chunks than in one call; ``benchmarks/speed.py`` times the steps); on a GPU, which has no such cache
-and pays for every kernel launch, in one call. The layer's graph is not needed (nor, with
+on the CPU over the batch in chunks of at most ``CHUNK_BYTES`` of y where the weight is small
+(``CHUNKED_WEIGHT_BYTES``): the kernel's workspace (a reordered copy of y and of the input, about the
+size of y for the whole batch) then stays a few MiB, small enough for the CPU's cache, where the whole
+batch's is not (large early feature maps run faster in chunks than in one call; ``benchmarks/speed.py``
+times the steps); a large weight, and any layer on a GPU (which has no such cache and pays for every
+kernel launch), in one call. The layer's graph is not needed (nor, with
 ``detach_input=False``, the re-run of the layer). Summed in chunks, the result is the whole batch's up
 to float rounding. The term's value then comes from that product too (:func:`_term_from_product`), as
 does SoftHebb's decay S_c = sum y z: with G = sum y x, <y_c, z_c> = <W_c, G_c> + b_c sum y_c, sums of
@@ -64,6 +65,10 @@ class LocalTerm:
 
 
 CHUNK_BYTES = 4 * 2 ** 20  # y per weight-gradient call on the CPU (at least one sample); other devices: no chunks
+CHUNKED_WEIGHT_BYTES = 2 ** 19  # the largest weight whose product is chunked: each chunk writes and adds a
+# weight-sized result, which for a larger weight costs more than the cache saves (Xeon, 1 thread, batch 64:
+# SoftHebb's 21 MiB layer 3 took 406 ms in chunks against 329 ms in one call; resnet18's 37 KiB conv1
+# at batch 32, 64 ms in chunks against 95 ms)
 
 
 def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor, post: torch.Tensor,
@@ -140,10 +145,11 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
     """{id(param): sum y x for the weight, sum y for the bias} of the ``learning`` ones among ``weight``
     and ``bias``, for a call on input ``x`` whose post signal is ``post``: the layer's weight-gradient
     product (``adjoint.weight_grad``) summed over batch chunks of at most ``chunk_bytes`` of ``post``
-    (default: :data:`CHUNK_BYTES` on the CPU, 0 elsewhere; 0 means the whole batch in one call; one
-    sample at least; an unbatched call is one chunk)."""
+    (default: :data:`CHUNK_BYTES` on the CPU for a weight of at most :data:`CHUNKED_WEIGHT_BYTES`, 0
+    elsewhere; 0 means the whole batch in one call; one sample at least; an unbatched call is one chunk)."""
     if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES if post.device.type == "cpu" else 0
+        small = weight.numel() * weight.element_size() <= CHUNKED_WEIGHT_BYTES
+        chunk_bytes = CHUNK_BYTES if post.device.type == "cpu" and small else 0
     batched = post.dim() > kind.spatial_dims + 1  # a leading batch dimension, shared with x
     per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
     step = post.shape[0] if not (per_sample and chunk_bytes) else max(1, chunk_bytes // per_sample)

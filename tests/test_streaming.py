@@ -366,3 +366,23 @@ def test_the_weight_gradient_is_taken_in_cache_sized_chunks_on_the_cpu_and_whole
     monkeypatch.setattr(hebbloss._local, "CHUNK_BYTES", z[0].numel() * z.element_size())  # one sample
     got = hebbloss._local.chunked_hebbian(layer.weight, layer.bias, kind, counting, x, z, [layer.weight, layer.bias])
     assert counting.calls == calls and got[id(layer.weight)].shape == layer.weight.shape
+
+
+def test_a_large_weights_product_is_taken_in_one_call_on_the_cpu(monkeypatch):
+    """Each chunk writes and adds a weight-sized result: for a weight above CHUNKED_WEIGHT_BYTES that
+    costs more than the cache saves, so its batch goes in one call; the sum is the same."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3, padding=1).to(D)
+    x = torch.randn(5, 2, 6, 6, dtype=D)
+    with torch.no_grad():
+        z = layer(x)
+    kind = hebbloss.layers.layer_type_of(layer)
+    monkeypatch.setattr(hebbloss._local, "CHUNK_BYTES", z[0].numel() * z.element_size())  # one sample
+    weight_bytes = layer.weight.numel() * layer.weight.element_size()
+    for limit, calls in ((weight_bytes, 5), (weight_bytes - 1, 1)):
+        monkeypatch.setattr(hebbloss._local, "CHUNKED_WEIGHT_BYTES", limit)
+        counting = _Counting(kind.adjoint(layer, x, z))
+        got = hebbloss._local.chunked_hebbian(layer.weight, None, kind, counting, x, z, [layer.weight])
+        assert counting.calls == calls
+        dW, _ = rule_update(layer, x, z, z, "hebb")
+        torch.testing.assert_close(got[id(layer.weight)], dW, **TOL)
