@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -294,20 +294,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(steps: dict, warmup: int, repeat: int, device: str) -> dict:
-    """Median seconds of each step, timed round-robin (rotating order) so that all see the same load."""
+def interleaved_medians(steps: dict, warmup: int, repeat: int, device: str, min_seconds: float = 0.0,
+                        rounds: Optional[list] = None) -> dict:
+    """Median seconds of each step, timed round-robin (rotating order) so that all see the same load:
+    ``repeat`` rounds, and more (up to 50x ``repeat``) until the timed steps add up to ``min_seconds``,
+    so that a short step's median rests on as many seconds of samples as a long one's. The number of
+    rounds run is appended to ``rounds`` when given."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     names = list(steps)
     times = {n: [] for n in names}
-    for r in range(repeat):
+    r = 0
+    while r < repeat or (sum(map(sum, times.values())) < min_seconds and r < 50 * repeat):
         for n in names[r % len(names):] + names[:r % len(names)]:
             _sync(device)
             t0 = time.perf_counter()
             steps[n]()
             _sync(device)
             times[n].append(time.perf_counter() - t0)
+        r += 1
+    if rounds is not None:
+        rounds.append(r)
     return {n: statistics.median(t) for n, t in times.items()}
 
 

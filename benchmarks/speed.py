@@ -7,7 +7,8 @@ Modes (see benchmarks/harness.py): hebbian (attach + loss().backward() + SGD ste
 hand_written (forward under no_grad, then one explicit weight-gradient convolution per layer for the
 same rule and post signal), compiled (hebbian with the model under torch.compile), bf16 (hebbian
 under torch.autocast(bfloat16)) and, on CUDA, fp16 (float16 autocast with a GradScaler). Times:
-medians of steps timed round-robin in one process. Peak memory: each mode in a fresh process, one warm-up step, then one step measured by
+medians of steps timed round-robin in one process (at least --repeat rounds, more until the timed
+steps of a model add up to --min-seconds). Peak memory: each mode in a fresh process, one warm-up step, then one step measured by
 harness.step_peak_mib (the method of benchmarks/memory.py: on Linux CPUs the peak resident set size
 during the step minus the resident set size before it; torch.cuda.max_memory_allocated on CUDA); not
 measured for compiled (the process would hold the compiler's own memory).
@@ -97,7 +98,9 @@ def bench(name: str, args) -> dict:
         t0 = time.perf_counter()
         steps["compiled"]()
         out["compile_first_step_s"] = time.perf_counter() - t0
-    out["time_s"] = harness.interleaved_medians(steps, warmup, repeat, args.device)
+    rounds = []
+    out["time_s"] = harness.interleaved_medians(steps, warmup, repeat, args.device, 0.0 if quick else args.min_seconds, rounds)
+    out["repeat"] = rounds[0]
     if not args.no_compile:
         out["graph_breaks"] = graph_breaks(model_name, size, args.device)
     if not args.no_memory:
@@ -166,7 +169,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"224x224 models at batch {QUICK_BATCH}, 1 warm-up and 3 timed steps (recorded per model)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=7, help="timed rounds at least (every mode once a round)")
+    parser.add_argument("--min-seconds", type=float, default=15.0,
+                        help="more rounds (up to 50x --repeat) until the timed steps of a model add up to this")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled mode and the graph-break count")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--no-bf16", action="store_true",

@@ -189,3 +189,19 @@ def test_a_speed_run_without_bf16_and_compile_records_and_renders_them_as_not_ru
     hw = {"cpu": "c", "cpu_cores": 2, "threads": 1, "torch": "t", "python": "p"}
     page = render_docs.performance_page({"targets": speed.TARGETS, "runs": {"cpu": {"hardware": hw, "configs": {"m/b4": r}}}})
     assert "| m | 4 | 0.889 | not run | not run |" in page
+
+
+def test_round_robin_timing_runs_more_rounds_until_the_timed_steps_add_up_to_min_seconds(harness, monkeypatch):
+    """Each step is charged 0.1 s by a fake clock: 3 rounds of 2 steps are 0.6 s, so min_seconds=2 needs
+    10 rounds; without it the 3 rounds of ``repeat``; and never more than 50x ``repeat``."""
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+
+    def step():
+        clock[0] += 0.1
+
+    for min_seconds, expected in ((0.0, 3), (2.0, 10), (1e9, 150)):
+        rounds = []
+        medians = harness.interleaved_medians({"a": step, "b": step}, 0, 3, "cpu", min_seconds, rounds)
+        assert rounds == [expected]
+        assert medians == pytest.approx({"a": 0.1, "b": 0.1})
