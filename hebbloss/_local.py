@@ -29,6 +29,11 @@ to float rounding. The term's value then comes from that product too (:func:`_te
 does SoftHebb's decay S_c = sum y z: with G = sum y x, <y_c, z_c> = <W_c, G_c> + b_c sum y_c, sums of
 weight-sized tensors where reading y and z again would cost two more passes over the activations.
 
+Under float16 autocast such a product is taken in float32: summed over a large layer's positions it
+passes float16's 65,504 (bfloat16's range holds it; its product stays in bfloat16). A term that waits
+for the backward gets its product in the layer's own precision there, as any backprop gradient
+(a GradScaler keeps that in range).
+
 The backward then multiplies by the upstream gradient whichever of y and the result is smaller, and
 adds each unit's decay S_c W_c in place. The gradients are those of the plain expression (the property
 tests check them in float64); what the backward carries besides (a task loss through the same layer,
@@ -36,6 +41,7 @@ tests check them in float64); what the backward carries besides (a task loss thr
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -85,7 +91,7 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     now = trained and at_once(weight, post, streaming)
     by_adjoint = now and adjoint is not None and x is not None
     if by_adjoint and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)) \
-            and post.dtype not in HALF:  # a half-precision G can overflow where <y, z> in float32 does not
+            and post.dtype not in HALF:  # a bfloat16 G is rounded where <y, z> summed in float32 is not
         return _term_from_product(weight, bias, kind, groups, output, post, rule, reduction, adjoint, x, learning)
     with torch.no_grad():
         decay = decay_coefficients(rule, kind, detached, post, weight.dtype)
@@ -117,7 +123,7 @@ def _term_from_product(weight, bias, kind: LayerType, groups: int, output, post,
     <y_c, z_c> = <W_c, G_c> + b_c sum y_c: the loss's value (and SoftHebb's S_c, which is that
     correlation) comes from weight-sized tensors, where reading y and z again would cost two passes
     over the layer's activations. Equal to the direct sums up to float rounding. Not for half-precision
-    signals (autocast), whose G is summed in float16 and can overflow where the float32 <y, z> does not."""
+    signals (autocast): a bfloat16 G is rounded to 8 bits, where the float32 sum <y, z> is not."""
     hebbian = chunked_hebbian(weight, bias, kind, adjoint, x.detach(), post, learning)
     with torch.no_grad():
         wide = torch.promote_types(weight.dtype, torch.float32)
@@ -151,22 +157,33 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
         small = weight.numel() * weight.element_size() <= CHUNKED_WEIGHT_BYTES
         chunk_bytes = CHUNK_BYTES if post.device.type == "cpu" and small else 0
     batched = post.dim() > kind.spatial_dims + 1  # a leading batch dimension, shared with x
+    # float16 tops out at 65,504, which a sum of y x over a large layer's positions passes (autocast's
+    # float16 kernels return the sum in float16): that product is taken in float32
+    wide = torch.float32 if post.dtype == torch.float16 else None
     per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
     step = post.shape[0] if not (per_sample and chunk_bytes) else max(1, chunk_bytes // per_sample)
     out: Dict[int, torch.Tensor] = {}
-    with torch.no_grad():
+    with torch.no_grad(), _without_autocast(post.device.type):  # the dtypes are chosen here, not by autocast
         if any(p is weight for p in learning):
             if not batched or step >= post.shape[0]:
-                grad = adjoint.weight_grad(post, x, weight)
+                grad = adjoint.weight_grad(post.to(wide or post.dtype), x, weight)
             else:
                 grad = None
                 for y_c, x_c in zip(post.split(step), x.split(step)):
-                    g = adjoint.weight_grad(y_c, x_c, weight)
+                    g = adjoint.weight_grad(y_c.to(wide or y_c.dtype), x_c, weight)
                     grad = g if grad is None else grad.add_(g)
             out[id(weight)] = grad
         if bias is not None and any(p is bias for p in learning):
             out[id(bias)] = _bias_sum(post, kind, bias)
     return out
+
+
+def _without_autocast(device_type: str):
+    """Autocast off on ``device_type`` (which a forward hook runs under), where the device has autocast."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # no autocast on this device (meta)
+        return contextlib.nullcontext()
 
 
 def _per_unit_bias(bias: torch.Tensor, kind: LayerType, post: torch.Tensor) -> bool:
@@ -181,7 +198,7 @@ def _bias_sum(post: torch.Tensor, kind: LayerType, bias: torch.Tensor) -> torch.
         dims = [d for d in range(post.dim()) if d != channel]
         if not dims:  # an unbatched Linear's y is the sum itself (sum(dim=[]) would sum everything)
             return post.to(bias.dtype, copy=True)
-        return post.sum(dim=dims).to(bias.dtype)
+        return post.sum(dim=dims, dtype=torch.float32 if post.dtype in HALF else None).to(bias.dtype)
 
 
 _COMPILED_ONCE = (

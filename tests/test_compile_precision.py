@@ -177,3 +177,36 @@ def test_a_compiled_model_with_more_plastic_layers_than_dynamos_recompile_limit_
     assert not traced_hook, traced_hook[0].code
     plastic.remove()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv2d(2, 3, 3, padding=1), (16, 2, 32, 32)),
+                                         (lambda: nn.Linear(8, 4), (16384, 8))])
+def test_a_float16_layer_whose_update_passes_float16s_range_gets_the_finite_update(make, shape):
+    """Under float16 autocast a large layer's sum y x (here about 1e5 to 1e6) passes float16's 65,504;
+    it is taken in float32, as is the bias's sum y, so the gradient is minus the float64 update
+    instead of Inf (float16 kernels return the sum in float16)."""
+    g = torch.Generator().manual_seed(4)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) * 0.5)
+        layer.bias.copy_(torch.rand(layer.bias.shape, generator=g))
+    x = torch.rand(shape, generator=g) * 2 + 1
+    plastic = hebbloss.attach(layer, rule="hebb", post="identity")
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = layer(x)
+        loss = plastic.loss()
+    assert z.dtype == torch.float16  # the layer did run in float16
+    loss.backward()
+    y = z.detach().to(D)  # the layer's own float16 output, as the post signal
+    channel = 1 if y.dim() == 4 else -1
+    moved = y.movedim(channel, -1).reshape(-1, y.shape[channel])
+    if y.dim() == 4:
+        patches = torch.nn.functional.unfold(x.to(D), 3, padding=1).transpose(1, 2).reshape(moved.shape[0], -1)
+    else:
+        patches = x.to(D)
+    expected_w = -(moved.T @ patches).reshape(layer.weight.shape)
+    expected_b = -moved.sum(0)
+    assert expected_w.abs().max() > 65504
+    for got, expected in ((layer.weight.grad, expected_w), (layer.bias.grad, expected_b)):
+        assert torch.isfinite(got).all()
+        assert (got.to(D) - expected).abs().max() / expected.abs().max() < 1e-3
