@@ -63,14 +63,24 @@ def test_homeostasis_drives_win_rates_to_k_over_c():
     assert torch.allclose(rate, torch.full((c,), k / c), atol=0.03), rate
 
 
-def test_homeostasis_update_is_the_formula():
-    c, k, mu = 5, 1, 0.3
-    post = KWTA(k, homeostasis=mu, num_channels=c).double().train()
-    z = torch.randn(3, c, 2, 2, dtype=D)
-    mask = kwta_reference(z, k, torch.zeros(c, dtype=D))
-    post(z)
-    expected = mu * (mask.mean(dim=(0, 2, 3)) - k / c)
-    assert torch.allclose(post.theta, expected)
+@pytest.mark.parametrize("k, shape, channel_dim", [(1, (3, 5, 2, 2), 1), (3, (3, 5, 2, 2), 1), (2, (4, 6), -1),
+                                                   (2, (5,), 0)])
+def test_homeostasis_update_is_the_formula(k, shape, channel_dim):
+    """theta_c += mu * (win rate of c - k/C), the win rate the mean of the reference mask over every
+    (sample, position), from thresholds that are not zero; twice, so the second call uses the first's."""
+    mu = 0.3
+    c = shape[channel_dim]
+    post = KWTA(k, homeostasis=mu, num_channels=c, channel_dim=channel_dim).double().train()
+    theta = torch.randn(c, dtype=D) * 0.1
+    post.theta.copy_(theta)
+    g = torch.Generator().manual_seed(k)
+    for _ in range(2):
+        z = torch.randn(shape, dtype=D, generator=g)
+        channels_second = z.movedim(channel_dim, 0).unsqueeze(0) if z.dim() == 1 else z.movedim(channel_dim, 1)
+        mask = kwta_reference(channels_second, k, theta)
+        theta = theta + mu * (mask.transpose(0, 1).reshape(c, -1).mean(dim=1) - k / c)
+        post(z)
+        torch.testing.assert_close(post.theta, theta)
 
 
 def test_kwta_through_attach_binds_and_saves_thresholds():

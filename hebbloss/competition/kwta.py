@@ -16,20 +16,32 @@ from torch import nn
 from ._channels import channel_axis, per_channel
 
 
-def kwta_mask(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """1 where a channel is among the k largest of z - threshold along ``axis``, else 0 (Miconi 2021)."""
+def kwta_winners(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The channel indices of the k largest of z - threshold along ``axis`` (k along ``axis``, the
+    other dimensions as z's)."""
     shifted = z if threshold is None else z - per_channel(threshold.to(z.dtype), z, axis)
     # max() finds one winner several times faster than topk() on CPU (same indices but for exact ties)
-    winners = shifted.max(dim=axis, keepdim=True).indices if k == 1 else shifted.topk(k, dim=axis).indices
+    return shifted.max(dim=axis, keepdim=True).indices if k == 1 else shifted.topk(k, dim=axis).indices
+
+
+def kwta_mask(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tensor] = None,
+              winners: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 where a channel is among the k largest of z - threshold along ``axis``, else 0 (Miconi 2021);
+    ``winners``: those channels' indices (:func:`kwta_winners`) when already found."""
+    if winners is None:
+        winners = kwta_winners(z, k, axis, threshold)
     return torch.zeros_like(z).scatter_(axis, winners, 1.0)
 
 
-def adapt_thresholds(theta: torch.Tensor, mask: torch.Tensor, k: int, rate: float, axis: int) -> None:
-    """Homeostasis in place: theta_c += rate * (win rate of channel c in ``mask`` - k/C) (Miconi 2021)."""
+def adapt_thresholds(theta: torch.Tensor, winners: torch.Tensor, k: int, rate: float) -> None:
+    """Homeostasis in place: theta_c += rate * (win rate of channel c - k/C) (Miconi 2021), the win rate
+    being the fraction of positions (samples and places) at which c is among ``winners`` (the indices
+    of :func:`kwta_winners`); counted, not averaged over a mask of the layer's size."""
     with torch.no_grad():
-        dims = [d for d in range(mask.dim()) if d != axis]
-        wins = mask.mean(dim=dims) if dims else mask
-        theta.add_(rate * (wins.to(theta) - k / mask.shape[axis]))
+        channels = theta.numel()
+        wins = torch.bincount(winners.reshape(-1), minlength=channels).to(theta.dtype)
+        positions = max(winners.numel() // k, 1)
+        theta.add_(rate * (wins.to(theta.device) / positions - k / channels))
 
 
 class KWTA(nn.Module):
@@ -93,9 +105,10 @@ class KWTA(nn.Module):
         if self.k > channels:
             raise ValueError(f"KWTA: k={self.k} winners but the output has only {channels} channels")
         theta = self.theta.to(z.device)
-        mask = kwta_mask(z, self.k, axis, theta)
+        winners = kwta_winners(z, self.k, axis, theta)
+        mask = kwta_mask(z, self.k, axis, winners=winners)
         if self.training and self.homeostasis > 0:
-            adapt_thresholds(self.theta, mask, self.k, self.homeostasis, axis)
+            adapt_thresholds(self.theta, winners, self.k, self.homeostasis)
         return mask if self.binary else z * mask
 
     def extra_repr(self) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 from .. import optim, prune
 from ..zca import MICONI2021
 from ..competition import kwta_mask, triangle as triangle_fn
-from ..competition.kwta import adapt_thresholds
+from ..competition.kwta import adapt_thresholds, kwta_winners
 from .blocks import Standardize
 from .recipe import LayerRecipe, Recipe
 
@@ -61,10 +61,10 @@ class HomeostaticTriangle(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         adapt = self.training and self.homeostasis > 0
         u = z - self.theta.to(z.dtype).view(-1, *([1] * (z.dim() - 2)))
-        mask = kwta_mask(u, self.k, 1) if adapt or not self.triangle else None
-        out = triangle_fn(u) if self.triangle else mask
+        winners = kwta_winners(u, self.k, 1) if adapt or not self.triangle else None
+        out = triangle_fn(u) if self.triangle else kwta_mask(u, self.k, 1, winners=winners)
         if adapt:
-            adapt_thresholds(self.theta, mask, self.k, self.homeostasis, axis=1)
+            adapt_thresholds(self.theta, winners, self.k, self.homeostasis)
         return out
 
     def extra_repr(self) -> str:
