@@ -128,3 +128,17 @@ def test_the_scripts_pass_their_device_to_every_phase(tmp_path, monkeypatch):
     train, probe = calls
     assert train[train.index("--device") + 1] == "cuda:1" and probe[probe.index("--device") + 1] == "cuda:1"
     assert len(rows) == 3 and "--device cuda:1" in rows[0]["command"]
+
+
+def test_runs_of_one_variant_and_seed_on_several_machines_are_named_by_layer(tmp_path):
+    """Backprop baselines of depth 1 and depth 2, seed 0, ran on two machines: the hardware line says
+    which layer's run ran where; a variant and seed on one machine keeps the short label."""
+    amd = {"cpu": "EPYC", "cores": 2, "torch_threads": 1, "gpu": None, "torch": "2.14"}
+    xeon = {**amd, "cpu": "Xeon"}
+    header = {"paper": "p", "data": "CIFAR-10", "command": "c", "config": {}}
+    ledger.Experiment("x", {**header, "hardware": amd}, folder=tmp_path).record(
+        [_row("backprop", 1, 68.0), _row("random", 1, 59.0), _row("random", 2, 61.0)])
+    ledger.Experiment("x", {**header, "hardware": xeon}, folder=tmp_path).record([_row("backprop", 2, 73.0)])
+    text = report.section(json.loads((tmp_path / "x.json").read_text()))
+    assert ("Hardware: 2 CPU cores (EPYC), 1 torch thread(s), torch 2.14 (backprop layer 1 seed 0, random seed 0); "
+            "2 CPU cores (Xeon), 1 torch thread(s), torch 2.14 (backprop layer 2 seed 0).") in text

@@ -84,10 +84,14 @@ def _hardware(h: Dict) -> str:
 
 def _hardware_of_rows(record: dict) -> str:
     """The file's hardware, or, where rows ran on several machines, each machine with its rows."""
+    machine = [_hardware(r.get("hardware") or record.get("hardware", {})) for r in record["rows"]]
+    machines_of: Dict[tuple, set] = {}
+    for r, m in zip(record["rows"], machine):
+        machines_of.setdefault((r["variant"], r["seed"]), set()).add(m)
     where: Dict[str, List[str]] = {}
-    for r in record["rows"]:
-        where.setdefault(_hardware(r.get("hardware") or record.get("hardware", {})), []).append(
-            f"{r['variant']} seed {r['seed']}")
+    for r, m in zip(record["rows"], machine):  # a variant and seed on several machines: name the layer too
+        layer = f" layer {r['layer']}" if len(machines_of[(r["variant"], r["seed"])]) > 1 else ""
+        where.setdefault(m, []).append(f"{r['variant']}{layer} seed {r['seed']}")
     if len(where) <= 1:
         return _hardware(record.get("hardware", {}))
     return "; ".join(f"{h} ({', '.join(dict.fromkeys(rows))})" for h, rows in where.items())
