@@ -38,10 +38,12 @@ def adapt_thresholds(theta: torch.Tensor, winners: torch.Tensor, k: int, rate: f
     being the fraction of positions (samples and places) at which c is among ``winners`` (the indices
     of :func:`kwta_winners`); counted, not averaged over a mask of the layer's size."""
     with torch.no_grad():
-        channels = theta.numel()
-        wins = torch.bincount(winners.reshape(-1), minlength=channels).to(theta.dtype)
-        positions = max(winners.numel() // k, 1)
-        theta.add_(rate * (wins.to(theta.device) / positions - k / channels))
+        channels, index = theta.numel(), winners.reshape(-1).to(theta.device)
+        # scatter_add_ rather than bincount, whose output size depends on the data (a torch.compile graph break)
+        counts = torch.zeros(channels, dtype=torch.promote_types(theta.dtype, torch.float32), device=theta.device)
+        counts.scatter_add_(0, index, counts.new_ones(1).expand(index.numel()))  # exact up to 2**24 positions
+        positions = max(index.numel() // k, 1)
+        theta.add_((rate * (counts / positions - k / channels)).to(theta.dtype))
 
 
 class KWTA(nn.Module):
