@@ -4,8 +4,10 @@ Issue 13's question: how much does the command (data loading, preprocessing, the
 checkpoints) add to the Hebbian step itself? This script measures, on the same threads and one after
 the other:
 
-- the bare step: the median of `harness.build_step("hebbian", MODEL, BATCH, 32)` (forward with
-  `hebbloss.attach`, `plastic.loss().backward()`, SGD step, on a batch already in memory);
+- the bare step: the median of `harness.build_step("recipe", MODEL, BATCH, 32)`, the step the command
+  runs without its loop: forward with the recipe's `attach`, `plastic.loss().backward()`, the recipe's
+  optimizer step with its hooks (SoftHebb's update scaling: about 7 % of SoftHebb's step at batch 10),
+  on a batch already in memory;
 - the epoch: `hebbloss train --model MODEL --dataset DATASET --epochs 1` in a subprocess, its
   training-loop seconds (results.json) and its wall time (with loading the data and the model).
 
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     if args.authors_demo is not None and not args.authors_demo.is_file():
         sys.exit(f"epoch.py: no file {args.authors_demo}; pass the path of SoftHebb's demo.py")
     torch.set_num_threads(args.threads)
-    steps = {"hebbloss": harness.build_step("hebbian", args.model, args.batch, 32)}
+    steps = {"hebbloss": harness.build_step("recipe", args.model, args.batch, 32)}
     if args.authors_demo is not None:
         steps["authors"] = authors_step(args.authors_demo, args.batch)
     medians = harness.interleaved_medians(steps, args.warmup, args.repeat, "cpu")
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         "benchmark": "epoch", "model": args.model, "dataset": args.dataset, "batch": args.batch,
         "hardware": {**harness.hardware("cpu"), "threads": args.threads},
         "images": args.limit or TRAIN_IMAGES[args.dataset], "steps": epoch["steps"],
-        "bare_step_ms": round(step_s * 1e3, 2), "bare_step_timed": {"warmup": args.warmup, "repeat": args.repeat},
+        "bare_step": "recipe", "bare_step_ms": round(step_s * 1e3, 2), "bare_step_timed": {"warmup": args.warmup, "repeat": args.repeat},
         "bare_steps_s": round(bare_epoch, 1), "train_s": round(epoch["train_s"], 1), "wall_s": round(epoch["wall_s"], 1),
         "train_over_bare_steps": round(epoch["train_s"] / bare_epoch, 3), "target_overhead": TARGET_OVERHEAD,
         "command": epoch["command"], "authors_code": authors,

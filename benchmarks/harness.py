@@ -15,6 +15,8 @@ Modes of one step (:func:`build_step`):
     compiled       the hebbian step with the model under torch.compile (donated buffers off)
     bf16           the hebbian step with forward and loss() under torch.autocast(bfloat16)
     fp16           (CUDA) the hebbian step under torch.autocast(float16), with a torch.amp.GradScaler
+    recipe         (reference networks) the step `hebbloss train` runs: the recipe's attach and its optimizer
+                   with the recipe's step hooks (SoftHebb's update scaling, Miconi's unit-norm filters)
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import hebbloss  # noqa: E402
 
 MiB = 2 ** 20
 LR = 1e-9  # small enough that every rule stays stable over any number of timed steps
-MODES = ("hebbian", "streaming", "backprop", "inference", "hand_written", "compiled", "bf16", "fp16")
+MODES = ("hebbian", "streaming", "backprop", "inference", "hand_written", "compiled", "bf16", "fp16", "recipe")
 
 
 # ----------------------------------------------------------------------------------------------- hardware
@@ -246,8 +248,15 @@ def build_step(mode: str, model_name: str, batch: int, size: int, device: str = 
     if mode == "hand_written":
         hand = HandWritten(model, spec)
         return lambda: hand.step(x)
-    plastic = attach(model, spec, streaming=mode == "streaming")
-    opt = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
+    if mode == "recipe":
+        recipe = getattr(model, "recipe", None)
+        if recipe is None:
+            raise ValueError(f"the recipe mode needs a reference network with a recipe; {model_name} has none")
+        plastic = recipe.attach(model)
+        opt = recipe.optimizer(plastic)
+    else:
+        plastic = attach(model, spec, streaming=mode == "streaming")
+        opt = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
     if mode == "compiled":  # the plain Hebbian step keeps each layer's graph for a possible task loss, which
         from torch._functorch import config as functorch_config  # a compiled graph that donates its buffers
 

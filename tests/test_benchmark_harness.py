@@ -205,3 +205,9 @@ def test_round_robin_timing_runs_more_rounds_until_the_timed_steps_add_up_to_min
         medians = harness.interleaved_medians({"a": step, "b": step}, 0, 3, "cpu", min_seconds, rounds)
         assert rounds == [expected]
         assert medians == pytest.approx({"a": 0.1, "b": 0.1})
+
+
+def test_the_recipe_step_needs_a_reference_network(harness):
+    """The recipe mode runs a reference network's own recipe; a model without one is refused by name."""
+    with pytest.raises(ValueError, match="resnet18 has none"):
+        harness.build_step("recipe", "resnet18", 1, 32)
