@@ -353,9 +353,12 @@ def performance_page(speed: dict, memory: dict = None, epoch: dict = None) -> st
         "| float32, model and input in `torch.channels_last` | 1e-4 |",
         "| `torch.autocast('cpu', dtype=torch.bfloat16)` around forward and `loss()` | 2e-2 |",
         "| `torch.autocast('cuda', dtype=torch.float16)` with `torch.amp.GradScaler` (test skipped without CUDA) | 5e-3 |",
+        "| `torch.autocast('cpu', dtype=torch.float16)`, a layer whose sum y x passes float16's 65,504 | 1e-3 |",
         "",
         "`plastic.loss()` is float32 under autocast (each layer's <y, z> is summed in float32 at least) and "
-        "each gradient has its parameter's dtype. With float16 and a GradScaler:",
+        "each gradient has its parameter's dtype. Under float16 autocast a layer whose update is taken in its "
+        "forward hook (where y is larger than the weight, and every layer when streaming) gets that sum y x "
+        "in float32: summed over many positions it passes float16's range. With float16 and a GradScaler:",
         "",
         "```python",
         "scaler = torch.amp.GradScaler(\"cuda\")",
