@@ -5,7 +5,8 @@ reference update of tests/reference.py, computed from a float64 copy of the netw
 Documented tolerances (max |error| / max |reference| per parameter, also in docs/performance.md):
 float32 paths (eager, compiled, channels_last) 1e-4; bfloat16 autocast 2e-2 (bf16 keeps 8 bits of
 mantissa: 3.9e-3 relative per rounding, and the layer's output z and post signal y are bf16); float16
-autocast with GradScaler 5e-3.
+autocast with GradScaler 5e-3; float16 autocast (CPU) on a layer whose sum y x passes float16's range
+1e-3 (that sum is taken in float32).
 """
 import copy
 
