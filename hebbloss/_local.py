@@ -159,18 +159,18 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
     batched = post.dim() > kind.spatial_dims + 1  # a leading batch dimension, shared with x
     # float16 tops out at 65,504, which a sum of y x over a large layer's positions passes (autocast's
     # float16 kernels return the sum in float16): that product is taken in float32
-    wide = torch.float32 if post.dtype == torch.float16 else None
+    dtype = torch.float32 if post.dtype == torch.float16 else post.dtype
     per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
     step = post.shape[0] if not (per_sample and chunk_bytes) else max(1, chunk_bytes // per_sample)
     out: Dict[int, torch.Tensor] = {}
     with torch.no_grad(), _without_autocast(post.device.type):  # the dtypes are chosen here, not by autocast
         if any(p is weight for p in learning):
             if not batched or step >= post.shape[0]:
-                grad = adjoint.weight_grad(post.to(wide or post.dtype), x, weight)
+                grad = adjoint.weight_grad(post.to(dtype), x, weight)
             else:
                 grad = None
                 for y_c, x_c in zip(post.split(step), x.split(step)):
-                    g = adjoint.weight_grad(y_c.to(wide or y_c.dtype), x_c, weight)
+                    g = adjoint.weight_grad(y_c.to(dtype), x_c, weight)
                     grad = g if grad is None else grad.add_(g)
             out[id(weight)] = grad
         if bias is not None and any(p is bias for p in learning):

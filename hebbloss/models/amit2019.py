@@ -28,6 +28,7 @@ layers after ``num_epochs``), built by Conv_net_gpu.py ``recreate_network``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[flo
     bscale = s.b_nonlin_scale if backward_clip is None else float(backward_clip)
     if not scale > 0:
         raise ValueError(f"amit2019: nonlin_scale must be > 0, got {nonlin_scale}")
-    gen = torch.random.fork_rng() if seed is not None else _nullcontext()
+    gen = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     with gen:
         if seed is not None:
             torch.manual_seed(seed)
@@ -181,14 +182,6 @@ def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[flo
     if untied:
         untie(model, (in_channels, input_size, input_size))
     return model
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _blocks(net, scale, bscale, num_classes, in_channels, size, dropout) -> "OrderedDict[str, nn.Module]":
