@@ -8,7 +8,10 @@ every step, the same epochs and batch):
   urfb, kp); bp and fa also at depths 8 and 32 (Amit 2019: fixed feedback degrades with depth);
 - Amit's network (``hebbloss.models.create("amit2019", net=...)``, default his ``deepernet_s``) tied and
   untied, under URFB, with his hinge cost, his plain SGD and his weight clipping (Amit 2019: untied
-  layers learn as well as tied ones).
+  layers learn as well as tied ones). The untied run trains at his ratio of batches: his untied
+  ("sparse") phase runs at ``sparse_batch_size`` 50 where his tied one runs at 500, at the same step, so
+  the untied run takes a tenth of ``--batch-size`` (13 for 128). It unties the layers his file unties
+  (all but the first conv), from the start, where he trains the tied network first.
 
 Weight decay is applied as each mode's authors apply it (``hebbloss.feedback.param_groups``): urfb's W and
 B do not decay (Amit's straight SGD: W - B stays constant), kp's W and B decay at the same rate, by the
@@ -288,6 +291,16 @@ def build(spec: dict, args):
     return model, handle, opt, loss_fn, gen
 
 
+def batch_of(spec: dict, model: nn.Module, batch_size: int) -> int:
+    """A run's batch: ``batch_size``, except for Amit's untied network, which trains at the ratio of his
+    untied ("sparse") phase's batch to his tied batch (50 / 500), as his run_conv.py does."""
+    settings = getattr(model, "settings", None)
+    sparse = getattr(settings, "sparse_batch_size", None)
+    if spec.get("variant") == "untied" and sparse:
+        return max(1, round(batch_size * sparse / settings.batch_size))
+    return batch_size
+
+
 def train_run(spec: dict, checkpoint: Path, data, args, device, schedule: Optional[dict] = None,
               stop_after: Optional[int] = None) -> Optional[dict]:
     """Train one run on the shared schedule, writing ``checkpoint`` after every epoch and resuming from it
@@ -297,7 +310,8 @@ def train_run(spec: dict, checkpoint: Path, data, args, device, schedule: Option
     xtr, ytr, xte, yte = data
     model, handle, opt, loss_fn, feedback_gen = build(spec, args)
     model.to(device)
-    steps_per_epoch = math.ceil(xtr.shape[0] / args.batch_size)
+    batch = batch_of(spec, model, args.batch_size)
+    steps_per_epoch = math.ceil(xtr.shape[0] / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_per_epoch * args.epochs)
     g = torch.Generator().manual_seed(args.seed + 2)
     state = {"epoch": 0, "losses": [], "seconds": 0.0}
@@ -321,8 +335,8 @@ def train_run(spec: dict, checkpoint: Path, data, args, device, schedule: Option
         start = time.perf_counter()
         perm = torch.randperm(xtr.shape[0], generator=g)
         run_loss, seen = 0.0, 0
-        for i in range(0, xtr.shape[0], args.batch_size):
-            idx = perm[i:i + args.batch_size]
+        for i in range(0, xtr.shape[0], batch):
+            idx = perm[i:i + batch]
             x = normalise(xtr[idx], device)
             if args.augment:
                 x = augment(x, g)
@@ -349,7 +363,7 @@ def train_run(spec: dict, checkpoint: Path, data, args, device, schedule: Option
             handle.remove()
             return None
     err = test_error(model, xte, yte, device)
-    result = {"test_error": round(err, 2), "epochs_done": state["epoch"],
+    result = {"test_error": round(err, 2), "epochs_done": state["epoch"], "batch_size": batch,
               "train_loss_per_epoch": [round(v, 4) for v in state["losses"]], "seconds": round(state["seconds"], 1)}
     try:
         angles = fb.feedback_angles(model)
@@ -489,10 +503,14 @@ def _table(data: dict, planned: Optional[List[dict]] = None) -> List[str]:
                      f"{ref.get('input_grad_angle_mean', '-') if ref else '-'} |")
     amit = [r for r in shown if r.get("net") == "amit2019"]
     if amit:
-        lines += ["", "Amit's network under urfb, with his hinge cost, plain SGD (step 0.1, cosine) and weight clipping:", "",
+        lines += ["", "Amit's network under urfb, with his hinge cost, plain SGD (step 0.1, cosine) and weight clipping"
+                  + (f"; {s['amit_recipe'].split('; ', 1)[1]}" if "; " in s.get("amit_recipe", "") else "") + ":", "",
                   "| network | tied test error % | untied test error % |", "|---|---|---|"]
+
+        def amit_cell(key):
+            return cell(key) + (f" (batch {by[key].get('batch_size', s['batch_size'])})" if key in by else "")
         for key in dict.fromkeys(str(r["depth"]) for r in amit):
-            lines.append(f"| {key} | " + " | ".join(cell(("urfb", key, v)) for v in ("tied", "untied")) + " |")
+            lines.append(f"| {key} | " + " | ".join(amit_cell(("urfb", key, v)) for v in ("tied", "untied")) + " |")
     claims = _claims(by)
     if claims:
         lines += ["", "The claims and the targets of issue 14, checked on these runs:", ""] + claims
@@ -559,7 +577,8 @@ def schedule_of(args, data) -> dict:
         "norm_constraint": bool(args.norm_constraint), "manhattan": bool(args.manhattan), "augment": bool(args.augment),
         "augmentation": "random crop of the 4-pixel zero-padded image, horizontal flip" if args.augment else "none",
         "amit_recipe": "his hinge cost, plain SGD at his step 0.1 (cosine), W and B clipped to 1.5 x Glorot bound, "
-                       "no weight decay; the batch of every run (his is 500)",
+                       "no weight decay; tied at the batch of every run (his is 500), untied at a tenth of it "
+                       "(his sparse phase: batch 50), his untied layers (all but the first conv) from the start",
         "seed": args.seed, "train_images": int(data[0].shape[0]), "test_images": int(data[2].shape[0]),
         "short": bool(data[0].shape[0] < 50000),
     }

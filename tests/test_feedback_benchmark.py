@@ -28,6 +28,21 @@ def test_the_protocol_runs(bench):
     assert bench.plan(["bp"], [20], None) == [{"net": "resnet", "mode": "bp", "depth": 20, "variant": "tied"}]
 
 
+def test_amits_untied_run_trains_at_his_ratio_of_untied_to_tied_batch(bench):
+    # his deepernet_s.txt@17b91d1: batch_size 500, sparse_batch_size 50 at the same step: a tenth
+    from hebbloss import models
+
+    untied = {"net": "amit2019", "mode": "urfb", "depth": "amit2019-deep_s", "variant": "untied", "amit_net": "deep_s"}
+    tied = {**untied, "variant": "tied"}
+    deep_s = models.create("amit2019", net="deep_s")
+    assert bench.batch_of(untied, deep_s, 128) == 13 and bench.batch_of(untied, deep_s, 500) == 50
+    assert bench.batch_of(untied, deep_s, 4) == 1  # never 0
+    assert bench.batch_of(tied, deep_s, 128) == 128
+    assert bench.batch_of({"net": "resnet", "mode": "bp", "depth": 20, "variant": "tied"}, bench.CifarResNet(20), 128) == 128
+    deep = models.create("amit2019", net="deep")  # his file has no sparse phase: one batch for both
+    assert bench.batch_of({**untied, "amit_net": "deep"}, deep, 128) == 128
+
+
 class Interrupted(Exception):
     pass
 
@@ -120,7 +135,8 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
 
     runs = [run("bp", 20, 10.0), run("usf", 20, 12.5), run("urfb", 20, 14.0), run("kp", 20, 12.96), run("fa", 20, 25.0),
             run("bp", 8, 15.0), run("fa", 8, 30.0), run("bp", 32, 9.0), run("fa", 32, 35.0),
-            run("urfb", "amit2019-deep_s", 30.0, "tied", "amit2019"), run("urfb", "amit2019-deep_s", 34.5, "untied", "amit2019")]
+            run("urfb", "amit2019-deep_s", 30.0, "tied", "amit2019"),
+            {**run("urfb", "amit2019-deep_s", 34.5, "untied", "amit2019"), "batch_size": 13}]
     data = {"schedule": {"epochs": 8, "train_subset": 0, "train_images": 50000, "test_images": 10000, "batch_size": 128,
                          "lr": 0.1, "lr_schedule": "cosine", "weight_decay": 5e-4, "augment": True, "seed": 0, "short": False},
             "device": "cpu", "date": "d", "torch": "t", "dataset": "CIFAR-10", "runs": runs,
@@ -132,7 +148,7 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
     text = docs.read_text()
     assert text.startswith("# Page\n\nabove\n\n") and text.endswith("\n\nbelow\n") and "old" not in text
     assert "| bp | 15.0 | 10.0 | 9.0 | 8.63 |" in block
-    assert "| amit2019-deep_s | 30.0 | 34.5 |" in block
+    assert "| amit2019-deep_s | 30.0 (batch 128) | 34.5 (batch 13) |" in block  # a run's own batch, else the schedule's
     assert "- usf within 3 points of bp at ResNet-20 (Moskovitz et al. 2018): +2.50 points, met." in block
     assert "- urfb within 3 points of bp at ResNet-20 (Amit 2019): +4.00 points, missed by 1.00." in block
     assert "- kp within 3 points of bp at ResNet-20 (Akrout et al. 2019): +2.96 points, met." in block

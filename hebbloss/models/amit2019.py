@@ -3,7 +3,9 @@ updates", Frontiers in Computational Neuroscience), as his code defines them: gi
 at commit 008757f (January 2019), parameter files _pars/simpnet.txt ("simple") and
 _pars/deepernet.txt ("deep"), and _pars/deepernet_s.txt at commit 17b91d1 ("deep_s", the network of
 his untied ("sparse") runs: the layers it lists under ``sparse:`` are turned into locally connected
-layers after ``num_epochs``), built by Conv_net_gpu.py ``recreate_network``.
+layers after ``num_epochs`` and trained on at ``sparse_batch_size`` 50, a tenth of his batch of 500, at the
+same step 0.1; run_conv.py and Conv_net_aux.py ``sparse_process_parameters``), built by Conv_net_gpu.py
+``recreate_network``.
 
 - every conv is 'SAME' padded, stride 1, without bias; every dense layer has no bias; weights start
   Glorot uniform (TensorFlow's ``get_variable`` default, Conv_layers.py);
@@ -29,10 +31,11 @@ layers after ``num_epochs``), built by Conv_net_gpu.py ``recreate_network``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,15 +61,21 @@ class Settings:
     nonlin_scale: float = NONLIN_SCALE
     b_nonlin_scale: float = 0.0  # backward clipping; 0: off
     weight_clip_factor: float = WEIGHT_CLIP_FACTOR
+    # his untied ("sparse") phase: the batch it trains at (``sparse_batch_size``) and the convolutions it
+    # unties (``sparse:``, as module names here); None: the file has no sparse phase (every conv is untied)
+    sparse_batch_size: Optional[int] = None
+    sparse_layers: Optional[Tuple[str, ...]] = None
 
 
 SETTINGS = {
     "simple": Settings("_pars/simpnet.txt", epochs=100, b_nonlin_scale=0.5),
     "deep": Settings("_pars/deepernet.txt", epochs=200, b_nonlin_scale=0.0),
-    # 100 epochs tied; his sparse phase then unties conv0a, conv2, conv2a, conv3, conv3a, re-randomises
-    # them and the dense layers, freezes conv0 and trains 1000 epochs at batch 50 (not reproduced here:
-    # ``untied=True`` unties every convolution from the start)
-    "deep_s": Settings("_pars/deepernet_s.txt@17b91d1", epochs=100, b_nonlin_scale=0.0),
+    # 100 epochs tied; his sparse phase then unties conv0a, conv2, conv2a, conv3, conv3a (conv0 stays a
+    # convolution), re-randomises them and the dense layers, freezes conv0 and trains 1000 epochs at batch
+    # 50. Here ``untied=True`` unties the same five from the start; conv0 stays a trainable convolution.
+    "deep_s": Settings("_pars/deepernet_s.txt@17b91d1", epochs=100, b_nonlin_scale=0.0, sparse_batch_size=50,
+                       sparse_layers=("conv0.second.layer", "conv2.first.layer", "conv2.second.layer",
+                                      "conv3.first.layer", "conv3.second.layer")),
 }
 
 
@@ -157,8 +166,9 @@ def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[flo
              input_size: int = 32, dropout: bool = True, seed: Optional[int] = None) -> Amit2019Net:
     """Amit's "simple", "deep" or "deep_s" CIFAR network (module docstring).
 
-    untied: convs replaced by :class:`hebbloss.feedback.LocallyConnected2d` (same initial weights at
-    every position). nonlin_scale / backward_clip: his ``nonlin_scale`` (0.5) and ``b_nonlin_scale``
+    untied: the convolutions his parameter file unties (``settings.sparse_layers``; every conv where it
+    lists none) replaced by :class:`hebbloss.feedback.LocallyConnected2d` (same initial weights at every
+    position); he trains them at ``settings.sparse_batch_size``. nonlin_scale / backward_clip: his ``nonlin_scale`` (0.5) and ``b_nonlin_scale``
     (simple 0.5, deep 0; 0 is off); default his. dropout=False drops his dropout layers.
     """
     key = str(net).lower()
@@ -174,13 +184,12 @@ def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[flo
         if seed is not None:
             torch.manual_seed(seed)
         blocks = _blocks(key, scale, bscale, num_classes, in_channels, input_size, dropout)
-        model = Amit2019Net(blocks, key, Settings(s.source, s.batch_size, s.step_size, s.epochs, s.off_class_fac,
-                                                  scale, bscale, s.weight_clip_factor))
+        model = Amit2019Net(blocks, key, dataclasses.replace(s, nonlin_scale=scale, b_nonlin_scale=bscale))
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
     if untied:
-        untie(model, (in_channels, input_size, input_size))
+        untie(model, (in_channels, input_size, input_size), targets=list(s.sparse_layers) if s.sparse_layers else None)
     return model
 
 
