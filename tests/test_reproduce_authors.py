@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "reproduce"))
@@ -83,6 +84,16 @@ def test_the_notebook_runs_on_the_jpeg_tree_and_his_readout_is_recorded_per_laye
     namespace = authors.run_cell(patched, threads=1)
     assert namespace["DATASET_TYPE"] == "ImageFolder" and namespace["NBLEARNINGEPOCHS"] == 3
     assert len(namespace["traintargets"][0]) == 6 and len(namespace["testtargets"][0]) == 4
+    # his test loader does not shuffle and his thresholds adapt during the test pass: the class-sorted
+    # ImageFolder is visited in a fixed shuffled order, as torchvision's mixed CIFAR-10 test set was
+    sorted_labels = [0, 0, 1, 1]  # test/airplane/0000-0001, test/automobile/0000-0001
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    assert namespace["testtargets"][0].tolist() == [sorted_labels[i] for i in order]
+    assert namespace["traintargets"][0].tolist() == [0, 0, 0, 1, 1, 1]  # the training set as the tree has it
+    reseeded = authors.run_cell(authors.patch(authors.training_cell(notebook), root / "train", root / "test", 3, notebook,
+                                              seed=1), threads=1)
+    order1 = torch.randperm(4, generator=torch.Generator().manual_seed(1)).tolist()
+    assert order1 != order and reseeded["testtargets"][0].tolist() == [sorted_labels[i] for i in order1]
 
     rows = authors.readout_rows(namespace, 1.5, "cmd", seed=0)
     by_layer = {r["layer"]: r for r in rows}
