@@ -156,6 +156,11 @@ def test_the_docs_table_and_the_claims_come_from_the_json(bench, tmp_path):
     assert "fa 30.0 -> 35.0, bp 15.0 -> 9.0 from ResNet-8 to ResNet-32, met." in block
     assert "- untied within 3 points of tied on amit2019-deep_s under urfb (Amit 2019): +4.50 points, missed by 1.50." in block
     assert "All 50,000 training images, but 8 epochs" in block and "short schedule" not in block
+    runs[-1]["test_error"] = 25.0  # untied 5 points better than tied: outside the two-sided band, said so
+    results.write_text(json.dumps(data))
+    block = bench.render_docs(results, docs, short_path=None)
+    assert ("- untied within 3 points of tied on amit2019-deep_s under urfb (Amit 2019): -5.00 points, missed by 2.00 "
+            "(the untied run is the better one).") in block
 
 
 def test_a_partial_full_data_table_marks_the_runs_not_yet_run_and_keeps_the_short_schedule_below(bench, tmp_path):
