@@ -505,8 +505,8 @@ def _table(data: dict, planned: Optional[List[dict]] = None) -> List[str]:
                      f"{ref.get('input_grad_angle_mean', '-') if ref else '-'} |")
     amit = [r for r in shown if r.get("net") == "amit2019"]
     if amit:
-        lines += ["", "Amit's network under urfb, with his hinge cost, plain SGD (step 0.1, cosine) and weight clipping"
-                  + (f"; {s['amit_recipe'].split('; ', 1)[1]}" if "; " in s.get("amit_recipe", "") else "") + ":", "",
+        recipe = s.get("amit_recipe", "his hinge cost, plain SGD (step 0.1, cosine) and weight clipping")
+        lines += ["", f"Amit's network under urfb, {recipe}:", "",
                   "| network | tied test error % | untied test error % |", "|---|---|---|"]
 
         def amit_cell(key):

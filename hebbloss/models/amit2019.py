@@ -168,8 +168,9 @@ def amit2019(net: str = "deep", untied: bool = False, nonlin_scale: Optional[flo
 
     untied: the convolutions his parameter file unties (``settings.sparse_layers``; every conv where it
     lists none) replaced by :class:`hebbloss.feedback.LocallyConnected2d` (same initial weights at every
-    position); he trains them at ``settings.sparse_batch_size``. nonlin_scale / backward_clip: his ``nonlin_scale`` (0.5) and ``b_nonlin_scale``
-    (simple 0.5, deep 0; 0 is off); default his. dropout=False drops his dropout layers.
+    position); he trains them at ``settings.sparse_batch_size``. nonlin_scale / backward_clip: his
+    ``nonlin_scale`` (0.5) and ``b_nonlin_scale`` (simple 0.5, deep 0; 0 is off); default his.
+    dropout=False drops his dropout layers.
     """
     key = str(net).lower()
     if key not in SETTINGS:
