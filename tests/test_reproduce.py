@@ -94,9 +94,25 @@ def test_the_authors_code_control_is_set_beside_our_miconi_rows_and_has_no_targe
     page = report.section(ours, his["rows"])
     assert ("layers 1 / 2 / 3 his 58.00 / 62.00 / 62.00, ours (triangle + pruning) 57.00 / 61.50 / 61.25; "
             "at layer 3 ours is -0.75 points from his") in page
+    assert "his code on this copy: layer 3 >= 63.5 %: 62.00 (missed by 1.50 points); rises with depth: missed" in page
     control = report.section(his, his["rows"])
     assert "| authors-code | 3 | paper | 62.00 (JPEG copy) |" in control and "Targets" not in control
+    assert "the authors' code: test %" in control and "ours: test %" in page
     assert "author's own code" not in report.section(ours)  # no control recorded: no comparison line
+    rising = [_row("authors-code", k, a, model="miconi2021") for k, a in zip((1, 2, 3), (58.0, 62.0, 64.0))]
+    assert "layer 3 >= 63.5 %: 64.00 (met); rises with depth: met" in report.section(ours, rising)
+
+
+def test_a_control_section_follows_the_experiment_it_controls(tmp_path, monkeypatch):
+    header = {"paper": "p", "data": "CIFAR-10", "hardware": {}, "command": "c", "config": {}}
+    for name, variant in (("miconi2021-authors-cifar10", "authors-code"), ("miconi2021-cifar10", "triangle-pruning"),
+                          ("softhebb-cifar10", "depth3")):
+        rows = [_row(variant, 3, 60.0, model=name.split("-")[0])]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"experiment": name, **header, "rows": rows}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    page = report.render()
+    order = [page.index(f"## {n}\n") for n in ("miconi2021-cifar10", "miconi2021-authors-cifar10", "softhebb-cifar10")]
+    assert order == sorted(order)
 
 
 def test_rows_recorded_on_another_machine_carry_it_and_the_page_names_each_machine(tmp_path):
