@@ -24,7 +24,7 @@ from . import distributed, layers, rules
 from .competition import POSTS, post_signal
 from ._hooks import HookHandle
 from .selection import Targets, name_matches
-from ._local import LocalTerm, at_once, local_loss, local_term
+from ._local import LocalTerm, at_once, local_loss, local_term, takes_sparse_product
 from .validation import validate
 
 _PLASTIC_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Plasticity]" = weakref.WeakKeyDictionary()  # layer -> its live handle
@@ -164,14 +164,18 @@ class Plasticity(HookHandle, nn.Module):
             )
         kind, groups = self._kinds[name]
         adjoint = x = None
-        if len(args) == 1 and isinstance(args[0], torch.Tensor) and at_once(module.weight, post, self.streaming):
+        sparse = False
+        if len(args) == 1 and isinstance(args[0], torch.Tensor):
             x = args[0].detach()  # the family's weight-gradient product, in batch chunks, needs no graph
             adjoint = kind.adjoint(module, x, output)
+            sparse = takes_sparse_product(adjoint, post, module.weight)
+            if not at_once(module.weight, post, self.streaming, sparse):
+                adjoint = x = None
         local = output  # its graph reaches only the layer's weight and bias (its input is detached)
         if not self.detach_input and adjoint is None:  # the model's graph stays whole: re-run the layer on a detached input
             local = module.forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         term = local_term(module.weight, module.bias, kind, groups, local, post, self.rules[name], self.reduction,
-                          streaming=self.streaming, adjoint=adjoint, x=x)
+                          streaming=self.streaming, adjoint=adjoint, x=x, sparse=sparse)
         if self.streaming:  # the update is taken: z, y and the layer's graph go now
             return Record(None, term, None)
         if term.post is not None and post.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():

@@ -29,6 +29,9 @@ class Adjoint(Protocol):
     def weight_grad(self, delta: torch.Tensor, x: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
         """delta * x^T, shaped and typed as ``feedback``."""
 
+    # Optional attribute ``sparse_weight_grad(delta, x, feedback)``: the same product from delta's nonzeros
+    # (:mod:`hebbloss.layers.sparse`); absent or None where the family has none (the dense one serves).
+
 
 class LayerType:
     """A family of layers whose output is linear in their weight: z = W * x + b.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import LayerType, register
+from . import LayerType, register, sparse
 
 
 @dataclass(frozen=True)
@@ -119,17 +119,39 @@ def conv_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return grad.to(weight.dtype)
 
 
+def conv_sparse_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            geom: ConvGeometry) -> torch.Tensor:
+    """:func:`conv_weight_grad` for a sparse delta, from its nonzeros (:mod:`hebbloss.layers.sparse`);
+    not for a transposed or grouped convolution."""
+    if geom.transposed or geom.groups != 1:
+        raise ValueError("the sparse weight-gradient product is for convolutions with groups=1, not transposed")
+    xb, db = _batched(x, geom.dims), _batched(delta, geom.dims)
+    pads = geom.pads
+    if pads is None and any(geom.padding):
+        pads = tuple(p for size in reversed(geom.padding) for p in (size, size))
+    if pads is not None:
+        xb = F.pad(xb, list(pads), mode=geom.mode if geom.pads is not None else "constant")
+    grad = sparse.conv_sparse_weight_grad(db, xb, weight.shape[2:], geom.stride, geom.dilation)
+    return grad.to(weight.dtype)
+
+
 class ConvAdjoint:
-    """:func:`conv_input_grad` and :func:`conv_weight_grad` for one call's geometry."""
+    """:func:`conv_input_grad`, :func:`conv_weight_grad` and :func:`conv_sparse_weight_grad` for one
+    call's geometry."""
 
     def __init__(self, geom: ConvGeometry):
         self.geom = geom
+        if geom.transposed or geom.groups != 1:  # no sparse product: the dense one serves
+            self.sparse_weight_grad = None
 
     def input_grad(self, delta, x, feedback):
         return conv_input_grad(delta, x, feedback, self.geom)
 
     def weight_grad(self, delta, x, feedback):
         return conv_weight_grad(delta, x, feedback, self.geom)
+
+    def sparse_weight_grad(self, delta, x, feedback):
+        return conv_sparse_weight_grad(delta, x, feedback, self.geom)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -6,7 +6,7 @@ B != W feedback alignment, Lillicrap et al. 2016) and the weight gradient delta^
 import torch
 from torch import nn
 
-from . import LayerType, register
+from . import LayerType, register, sparse
 
 
 def linear_input_grad(delta: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,8 @@ def linear_weight_grad(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearAdjoint:
-    """:func:`linear_input_grad` and :func:`linear_weight_grad`, in the dtypes of x and B."""
+    """:func:`linear_input_grad` and :func:`linear_weight_grad` (also from a sparse delta's nonzeros),
+    in the dtypes of x and B."""
 
     @staticmethod
     def input_grad(delta, x, feedback):
@@ -29,6 +30,11 @@ class LinearAdjoint:
     @staticmethod
     def weight_grad(delta, x, feedback):
         return linear_weight_grad(delta, x).to(feedback.dtype)
+
+    @staticmethod
+    def sparse_weight_grad(delta, x, feedback):
+        """:func:`linear_weight_grad` from delta's nonzeros (:mod:`hebbloss.layers.sparse`)."""
+        return sparse.linear_sparse_weight_grad(delta, x).to(feedback.dtype)
 
 
 @register(nn.Linear)
