@@ -175,18 +175,29 @@ def test_streaming_and_normal_mode_give_the_same_loss_and_gradients_in_a_model(r
 
 def test_streaming_lets_each_layers_output_go_in_the_forward():
     """A layer's output tensor (seen by this test's hook, registered first) is freed by the end of the
-    forward in streaming mode, and kept until loss() in the normal mode."""
-    alive = {}
-    for streaming in (False, True):
-        model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+    forward in streaming mode. In the normal mode on the CPU too where its update was taken at once
+    (y larger than the weight) and is finite; it is kept until loss() where y waits for the backward
+    (y smaller than the weight) and where the term is NaN (for loss()'s message)."""
+    def output_alive(streaming, x, width=8):
+        model = nn.Sequential(nn.Conv2d(2, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2, 3, padding=1))
         refs = []
         model[0].register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o)) and None)
         plastic = hebbloss.attach(model, rule="oja", post="relu", streaming=streaming)
-        model(torch.randn(2, 2, 16, 16))
-        alive[streaming] = refs[0]() is not None
-        plastic.loss().backward()
+        model(x)
+        alive = refs[0]() is not None
+        if torch.isfinite(x).all():
+            plastic.loss().backward()
+        else:
+            with pytest.raises(FloatingPointError, match="layer '0' produced NaN or Inf in its output from a finite"):
+                plastic.loss()
         plastic.remove()
-    assert alive == {False: True, True: False}
+        return alive
+
+    large, small = torch.randn(2, 2, 16, 16), torch.randn(1, 2, 2, 2)  # y 2x8x16x16 > weight 8x2x3x3 > y 1x8x2x2
+    assert not output_alive(True, large) and not output_alive(True, small)
+    assert not output_alive(False, large)
+    assert output_alive(False, small)
+    assert output_alive(False, large.index_fill(3, torch.tensor([4]), float("nan")))
 
 
 def test_streaming_names_the_layer_whose_output_was_not_finite():
