@@ -163,7 +163,7 @@ def takes_sparse_product(adjoint: Optional[Adjoint], post: torch.Tensor, weight:
     the dense kernel does C x K multiply-adds (C units, fan-in K); the gather reads y's C values, copies
     the input patch (K) and adds the patch at each of the k nonzeros (k x K). It is taken where
     C K >= SPARSE_GAIN (C + K (1 + k)), k counted on the first 1/16 of the batch (one sample at least).
-    Measured on a Xeon (AVX512, 1 thread) with his binarised k-WTA (k=1): Miconi 2021's layers 2 and 3
+    Measured on a Xeon (AVX512, 1 thread) with Miconi 2021's binarised k-WTA (k=1): his layers 2 and 3
     (C x K = 196 x 900 and 400 x 1,764) 2.3x and 2.8x faster by the gather at batch 10, 2.5x and 5x at
     batch 100; his layer 1 (100 x 75), which the rule leaves to the dense kernel, 2x slower by the gather.
     ``benchmarks/speed.py`` times the steps."""

@@ -37,7 +37,7 @@ def _accumulate(out: torch.Tensor, rows: torch.Tensor, post: torch.Tensor) -> No
 
 def linear_sparse_weight_grad(post: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum over samples (and leading dimensions) of y x^T for z = x W^T + b, shape [out, in], from y's
-    nonzeros; float32 at least, in y's dtype otherwise."""
+    nonzeros; in float32, or in y's dtype where that is wider (float64)."""
     wide = torch.promote_types(post.dtype, torch.float32)
     y, rows = post.reshape(-1, post.shape[-1]), x.reshape(-1, x.shape[-1])
     out = torch.zeros(y.shape[1], rows.shape[1], dtype=wide, device=post.device)
@@ -50,7 +50,7 @@ def conv_sparse_weight_grad(post: torch.Tensor, x_padded: torch.Tensor, kernel: 
                             chunk_bytes: int = PATCH_CHUNK_BYTES) -> torch.Tensor:
     """sum over samples and positions of y x_patch for an N-d convolution with groups=1 on an input
     already padded (batched: [B, C_in, *spatial]; ``post`` [B, C_out, *out]), shape
-    [C_out, C_in, *kernel], from y's nonzeros; float32 at least."""
+    [C_out, C_in, *kernel], from y's nonzeros; in float32, or in y's dtype where that is wider."""
     dims = len(kernel)
     wide = torch.promote_types(post.dtype, torch.float32)
     batch, units, out_size = post.shape[0], post.shape[1], post.shape[2:]
