@@ -23,6 +23,15 @@ def kwta(z, k=1, channel_dim=1, binary=True):
     return torch.zeros_like(z).scatter(channel_dim, index, values.gather(channel_dim, index))
 
 
+@pytest.fixture
+def gathered(monkeypatch):
+    """The units of every product taken by the gather (sparse._accumulate calls), in order."""
+    calls = []
+    original = sparse._accumulate
+    monkeypatch.setattr(sparse, "_accumulate", lambda out, rows, post: (calls.append(out.shape[0]), original(out, rows, post)))
+    return calls
+
+
 def _hebbian(layer, x, y):
     """sum y x (and sum y) of the reference: the rule's update with S = 0."""
     units = layer.weight.shape[0]
@@ -111,13 +120,10 @@ def _miconi_like():
 
 @pytest.mark.parametrize("rule", ["hebb", "instar", "oja", "softhebb"])
 @pytest.mark.parametrize("streaming", [False, True])
-def test_attach_takes_a_sparse_posts_update_from_its_nonzeros_and_it_is_the_rules(monkeypatch, rule, streaming):
+def test_attach_takes_a_sparse_posts_update_from_its_nonzeros_and_it_is_the_rules(monkeypatch, gathered, rule, streaming):
     """With the gate opened to every layer (SPARSE_GAIN = 0), each layer's gradient is minus the rule's
     float64 update (a pruned weight's through its mask), and every product was gathered."""
     monkeypatch.setattr(hebbloss._local, "SPARSE_GAIN", 0)
-    gathered = []
-    original = sparse._accumulate
-    monkeypatch.setattr(sparse, "_accumulate", lambda out, rows, post: (gathered.append(out.shape), original(out, rows, post)))
     model = _miconi_like()
     seen = {}
     for name in ("0", "1", "3"):
@@ -128,7 +134,7 @@ def test_attach_takes_a_sparse_posts_update_from_its_nonzeros_and_it_is_the_rule
                               overrides={n: {"post": p} for n, p in posts.items()}, streaming=streaming)
     model(torch.randn(4, 3, 7, 7, dtype=D))
     plastic.loss().backward()
-    assert len(gathered) == 3
+    assert gathered == [8, 16, 12]
     for name in ("0", "1", "3"):
         layer = model.get_submodule(name)
         x, z = seen[name]
@@ -156,7 +162,7 @@ def test_under_bfloat16_autocast_the_gathered_product_is_summed_in_float32(monke
     torch.testing.assert_close(conv.weight.grad.double(), -update[0], rtol=0, atol=1e-5 * update[0].abs().max().item())
 
 
-def test_miconis_network_gets_the_same_update_by_gather_as_by_the_dense_kernel(monkeypatch):
+def test_miconis_network_gets_the_same_update_by_gather_as_by_the_dense_kernel(monkeypatch, gathered):
     """His layers 2 and 3 take the gather at the default gate, float32: equal to the dense path's
     gradients up to float32 rounding, both within float32 tolerance of each other."""
     def gradients(gain):
@@ -168,9 +174,6 @@ def test_miconis_network_gets_the_same_update_by_gather_as_by_the_dense_kernel(m
         plastic.loss().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    gathered = []
-    original = sparse._accumulate
-    monkeypatch.setattr(sparse, "_accumulate", lambda out, rows, post: (gathered.append(out.shape[0]), original(out, rows, post)))
     default = gradients(hebbloss._local.SPARSE_GAIN)
     assert sorted(set(gathered)) == [196, 400]
     dense = gradients(float("inf"))

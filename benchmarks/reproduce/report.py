@@ -117,7 +117,8 @@ def section(record: dict, control: Sequence[dict] = ()) -> str:
         lines += [f"Every CIFAR-10 number here is on the shared {JPEG_NOTE} (a JPEG re-encoding of the original images; "
                   "SoftHebb's own code scores 76.84 % on it with one seed, 3.5 points under its paper); the paper's are on "
                   "the original images.", ""]
-    whose = "the authors' code" if rows and all(r["variant"] == CONTROL for r in rows) else "ours"
+    is_control = bool(rows) and all(r["variant"] == CONTROL for r in rows)  # the authors' own code: no targets
+    whose = "the authors' code" if is_control else "ours"
     lines += [f"| variant | layer | readout | {whose}: test % (mean +/- std) | seeds | paper % | seconds per run | phases (s, mean) | command |",
               "|---|---|---|---|---|---|---|---|---|"]
     groups: Dict[tuple, List[dict]] = {}
@@ -142,7 +143,7 @@ def section(record: dict, control: Sequence[dict] = ()) -> str:
         lines += ["", "Notes on the runs:", "", *(f"- {n}" for n in notes)]
     model = rows[0]["model"] if rows else ""
     dataset = rows[0]["dataset"] if rows else ""
-    if rows and all(r["variant"] == CONTROL for r in rows):
+    if is_control:
         targets = []  # a control: the targets are ours
     elif model == "miconi2021":
         targets = _miconi_targets(rows, [r for r in control if r["model"] == model and r["dataset"] == dataset])
@@ -159,9 +160,9 @@ def render() -> str:
              "in `benchmarks/reproduce/` write one finished run at a time (rerunning a script skips recorded runs and "
              "resumes interrupted ones). Accuracies are test accuracies in percent of the paper's readout on the named block.",
              ""]
-    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    # a control (the authors' own code) right after the experiment it controls
-    records.sort(key=lambda r: (r["experiment"].replace("-authors", ""), "-authors" in r["experiment"]))
+    # by experiment, a control (the authors' own code) right after the experiment it controls
+    records = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json")),
+                     key=lambda r: (r["experiment"].replace("-authors", ""), "-authors" in r["experiment"]))
     if not records:
         parts.append("No experiment has been recorded yet.\n")
     control = [row for r in records for row in r["rows"] if row["variant"] == CONTROL]

@@ -119,11 +119,16 @@ def conv_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return grad.to(weight.dtype)
 
 
+def has_sparse_product(geom: ConvGeometry) -> bool:
+    """Whether :func:`conv_sparse_weight_grad` serves this geometry: groups=1, not transposed."""
+    return not geom.transposed and geom.groups == 1
+
+
 def conv_sparse_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                             geom: ConvGeometry) -> torch.Tensor:
     """:func:`conv_weight_grad` for a sparse delta, from its nonzeros (:mod:`hebbloss.layers.sparse`);
-    not for a transposed or grouped convolution."""
-    if geom.transposed or geom.groups != 1:
+    not for a transposed or grouped convolution (:func:`has_sparse_product`)."""
+    if not has_sparse_product(geom):
         raise ValueError("the sparse weight-gradient product is for convolutions with groups=1, not transposed")
     xb, db = _batched(x, geom.dims), _batched(delta, geom.dims)
     pads = geom.pads
@@ -141,7 +146,7 @@ class ConvAdjoint:
 
     def __init__(self, geom: ConvGeometry):
         self.geom = geom
-        if geom.transposed or geom.groups != 1:  # no sparse product: the dense one serves
+        if not has_sparse_product(geom):  # the dense product serves
             self.sparse_weight_grad = None
 
     def input_grad(self, delta, x, feedback):
