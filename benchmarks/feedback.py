@@ -8,10 +8,13 @@ every step, the same epochs and batch):
   urfb, kp); bp and fa also at depths 8 and 32 (Amit 2019: fixed feedback degrades with depth);
 - Amit's network (``hebbloss.models.create("amit2019", net=...)``, default his ``deepernet_s``) tied and
   untied, under URFB, with his hinge cost, his plain SGD and his weight clipping (Amit 2019: untied
-  layers learn as well as tied ones). The untied run trains at his ratio of batches: his untied
-  ("sparse") phase runs at ``sparse_batch_size`` 50 where his tied one runs at 500, at the same step, so
-  the untied run takes a tenth of ``--batch-size`` (13 for 128). It unties the layers his file unties
-  (all but the first conv), from the start, where he trains the tied network first.
+  layers learn as well as tied ones). The pair trains at his untied ("sparse") phase's ratio of batches:
+  his file runs that phase at ``sparse_batch_size`` 50 where its tied phase runs at 500, at the same
+  step, so both runs take a tenth of ``--batch-size`` (13 for 128). The tied run takes it too, where his
+  tied phase keeps 500: he trains each phase for 1,000 epochs, where a tenth of the batch no longer
+  matters; at this schedule's few epochs it means ten times the steps, and a pair at different batches
+  would compare the steps, not the tying. The untied run unties the layers his file unties (all but the
+  first conv), from the start, where he trains the tied network first.
 
 Weight decay is applied as each mode's authors apply it (``hebbloss.feedback.param_groups``): urfb's W and
 B do not decay (Amit's straight SGD: W - B stays constant), kp's W and B decay at the same rate, by the
@@ -292,11 +295,12 @@ def build(spec: dict, args):
 
 
 def batch_of(spec: dict, model: nn.Module, batch_size: int) -> int:
-    """A run's batch: ``batch_size``, except for Amit's untied network, which trains at the ratio of his
-    untied ("sparse") phase's batch to his tied batch (50 / 500), as his run_conv.py does."""
+    """A run's batch: ``batch_size``, except for Amit's networks that have an untied phase: both runs of
+    the tied/untied pair train at the ratio of his untied ("sparse") phase's batch to his tied batch
+    (50 / 500), so that the pair differs in the tying alone (see the module docstring)."""
     settings = getattr(model, "settings", None)
     sparse = getattr(settings, "sparse_batch_size", None)
-    if spec.get("variant") == "untied" and sparse:
+    if spec.get("net") == "amit2019" and sparse:
         return max(1, round(batch_size * sparse / settings.batch_size))
     return batch_size
 
@@ -579,8 +583,8 @@ def schedule_of(args, data) -> dict:
         "norm_constraint": bool(args.norm_constraint), "manhattan": bool(args.manhattan), "augment": bool(args.augment),
         "augmentation": "random crop of the 4-pixel zero-padded image, horizontal flip" if args.augment else "none",
         "amit_recipe": "his hinge cost, plain SGD at his step 0.1 (cosine), W and B clipped to 1.5 x Glorot bound, "
-                       "no weight decay; tied at the batch of every run (his is 500), untied at a tenth of it "
-                       "(his sparse phase: batch 50), his untied layers (all but the first conv) from the start",
+                       "no weight decay; tied and untied both at a tenth of the batch of every run (his untied phase: 50, "
+                       "his tied phase: 500), his untied layers (all but the first conv) from the start",
         "seed": args.seed, "train_images": int(data[0].shape[0]), "test_images": int(data[2].shape[0]),
         "short": bool(data[0].shape[0] < 50000),
     }

@@ -28,8 +28,9 @@ def test_the_protocol_runs(bench):
     assert bench.plan(["bp"], [20], None) == [{"net": "resnet", "mode": "bp", "depth": 20, "variant": "tied"}]
 
 
-def test_amits_untied_run_trains_at_his_ratio_of_untied_to_tied_batch(bench):
-    # his deepernet_s.txt@17b91d1: batch_size 500, sparse_batch_size 50 at the same step: a tenth
+def test_amits_pair_trains_at_his_ratio_of_untied_to_tied_batch(bench):
+    # his deepernet_s.txt@17b91d1: batch_size 500, sparse_batch_size 50 at the same step: a tenth, for the
+    # tied twin as well, so that the pair differs in the tying alone
     from hebbloss import models
 
     untied = {"net": "amit2019", "mode": "urfb", "depth": "amit2019-deep_s", "variant": "untied", "amit_net": "deep_s"}
@@ -37,7 +38,7 @@ def test_amits_untied_run_trains_at_his_ratio_of_untied_to_tied_batch(bench):
     deep_s = models.create("amit2019", net="deep_s")
     assert bench.batch_of(untied, deep_s, 128) == 13 and bench.batch_of(untied, deep_s, 500) == 50
     assert bench.batch_of(untied, deep_s, 4) == 1  # never 0
-    assert bench.batch_of(tied, deep_s, 128) == 128
+    assert bench.batch_of(tied, deep_s, 128) == 13 and bench.batch_of(tied, deep_s, 500) == 50
     assert bench.batch_of({"net": "resnet", "mode": "bp", "depth": 20, "variant": "tied"}, bench.CifarResNet(20), 128) == 128
     deep = models.create("amit2019", net="deep")  # his file has no sparse phase: one batch for both
     assert bench.batch_of({**untied, "amit_net": "deep"}, deep, 128) == 128
