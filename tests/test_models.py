@@ -172,3 +172,40 @@ def test_registry():
     with pytest.raises(ValueError, match="available: amit2019, miconi2021, softhebb"):
         models.create("resnet")
     assert models.create("miconi2021", channels=(4, 4, 4)).recipe.to_dict()["layers"]["conv2"]["rule"] == "instar"
+
+
+def _theta_after(theta0, z, mu=3.0):
+    """theta + mu * (win rate - 1/C) for the 1-WTA of z - theta, written out in float64."""
+    u = z - theta0.view(1, -1, 1, 1)
+    mask = torch.zeros_like(u).scatter_(1, u.argmax(dim=1, keepdim=True), 1.0)
+    return theta0 + mu * (mask.mean(dim=(0, 2, 3)) - 1 / z.shape[1])
+
+
+@pytest.mark.parametrize("change", ["none", "z written to", "theta moved", "another z", "eval then train"])
+def test_miconi2021_forward_reuses_the_winners_of_the_post_signal_only_for_the_same_z_and_theta(change, monkeypatch):
+    import sys
+
+    miconi = sys.modules[HomeostaticTriangle.__module__]  # hebbloss.models.miconi2021 names the builder
+    calls = []
+    real = miconi.kwta_winners
+    monkeypatch.setattr(miconi, "kwta_winners", lambda *a, **k: calls.append(1) or real(*a, **k))
+    act = HomeostaticTriangle(4, k=1, homeostasis=3.0).double()
+    g = torch.Generator().manual_seed(0)
+    act.theta.copy_(torch.randn(4, generator=g, dtype=torch.float64))
+    z = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    act.winners(z.detach())  # as attach's hook calls it, on the detached output
+    if change == "z written to":
+        z.mul_(-1)  # every winner changes
+    elif change == "theta moved":
+        act.theta.mul_(-5)
+    elif change == "another z":
+        z = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    elif change == "eval then train":
+        act.eval()
+        act(z)  # no thresholds move in eval mode; the stash goes
+        act.train()
+    theta0 = act.theta.clone()
+    act(z)
+    torch.testing.assert_close(act.theta, _theta_after(theta0, z), rtol=0, atol=1e-12)
+    assert calls == [1] if change == "none" else calls == [1, 1]
+    assert act._found is None  # nothing held past the forward

@@ -39,8 +39,10 @@ class HomeostaticTriangle(nn.Module):
         fraction of (sample, position) pairs where channel c is among the k winners of z - theta.
     winners(z): that binarised k-WTA of z - theta, the post signal of the instar rule. ``attach``
         calls it in the conv's forward hook, before forward, so both see the same theta, as in the
-        paper's code. The thresholds are the buffer ``theta``, saved in the model's ``state_dict``
-        (and averaged over the ranks by ``Plasticity.sync`` under data parallelism: ``synced_buffers``).
+        paper's code; forward then reuses the winners it found when it gets the same z, unchanged,
+        with theta unchanged (and finds them again otherwise). The thresholds are the buffer
+        ``theta``, saved in the model's ``state_dict`` (and averaged over the ranks by
+        ``Plasticity.sync`` under data parallelism: ``synced_buffers``).
     """
 
     synced_buffers = ("theta",)  # competition state that hebbloss.distributed keeps equal on every rank
@@ -49,9 +51,25 @@ class HomeostaticTriangle(nn.Module):
         super().__init__()
         self.k, self.homeostasis, self.triangle = k, float(homeostasis), bool(triangle)
         self.register_buffer("theta", torch.zeros(num_channels))
+        self._found = None  # (z, z's version, theta's version, winners) from winners(), for the next forward
 
     def winners(self, z: torch.Tensor) -> torch.Tensor:
-        return kwta_mask(z, self.k, 1, self.theta)
+        found = kwta_winners(z, self.k, 1, self.theta)
+        if not torch.compiler.is_compiling():  # a compiled graph finds them again: no tensor versions there
+            self._found = (z, z._version, self.theta._version, found)  # z held: its memory cannot pass to another
+        return kwta_mask(z, self.k, 1, winners=found)
+
+    def _winners_of(self, found, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The k-WTA indices of u = z - theta: those in ``found`` (stashed by ``winners``) when it saw
+        this very z (same memory, shape, strides and dtype, not written to since) under this very theta,
+        else found anew."""
+        if found is not None and not torch.compiler.is_compiling():
+            seen, version, theta_version, indices = found
+            if (seen.data_ptr() == z.data_ptr() and seen.shape == z.shape and seen.stride() == z.stride()
+                    and seen.dtype == z.dtype and seen.device == z.device and z._version == version
+                    and self.theta._version == theta_version):
+                return indices
+        return kwta_winners(u, self.k, 1)
 
     def reset_parameters(self) -> None:
         """Thresholds back to 0 (so a random-weight baseline does not inherit trained thresholds)."""
@@ -61,7 +79,8 @@ class HomeostaticTriangle(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         adapt = self.training and self.homeostasis > 0
         u = z - self.theta.to(z.dtype).view(-1, *([1] * (z.dim() - 2)))
-        winners = kwta_winners(u, self.k, 1) if adapt or not self.triangle else None
+        found, self._found = self._found, None  # used by this forward at most, and never held past it
+        winners = self._winners_of(found, z, u) if adapt or not self.triangle else None
         out = triangle_fn(u) if self.triangle else kwta_mask(u, self.k, 1, winners=winners)
         if adapt:
             adapt_thresholds(self.theta, winners, self.k, self.homeostasis)
