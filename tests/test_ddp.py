@@ -10,7 +10,6 @@ worker that fails sends its traceback, which the test shows.
 """
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -36,28 +35,24 @@ def _batch(rank):
     return torch.randn(3, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def _worker(rank, init_file, results):
-    try:
-        import hebbloss
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _worker(rank, init_file):
+    import hebbloss
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        try:
-            model = _model()
-            plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
-            ddp = DDP(model)
-            optimizer = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
-            ddp(_batch(rank))
-            plastic.loss().backward()
-            grads = [p.grad.numpy().copy() for p in model.parameters()]
-            optimizer.step()
-            weights = [p.detach().numpy().copy() for p in model.parameters()]
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, (grads, weights), None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-        raise
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        plastic = hebbloss.attach(model, rule="oja", post=torch.tanh)
+        ddp = DDP(model)
+        optimizer = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
+        ddp(_batch(rank))
+        plastic.loss().backward()
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        optimizer.step()
+        weights = [p.detach().numpy().copy() for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+    return grads, weights
 
 
 def _run_workers(tmp_path):

@@ -10,13 +10,12 @@ process reaches on the whole batch.
   batch (1 image) leaves rank 1 nothing to do.
 
 Nothing here can race: the ranks meet through files in the test's tmp_path (``file://``, no TCP port to
-pick), and each worker sends plain numpy copies back through a queue; a worker that fails sends its
-traceback, which the test shows.
+pick), and each worker returns plain numpy copies, sent back through a queue (tests/workers.py); a worker
+that fails sends its traceback, which the test shows.
 """
 import json
 import os
 import sys
-import traceback
 from collections import OrderedDict
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def gloo(monkeypatch):
 
 
 def _run_workers(target, args):
-    """{rank: payload} once every worker has called ``target(rank, *args, results)``, reported and exited."""
+    """{rank: payload} once every worker has returned ``target(rank, *args)`` and exited."""
     return workers.run_workers(target, args, WORLD, DEADLINE_S)
 
 
@@ -68,37 +67,33 @@ def _batch(step):
     return torch.randn(5, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + step))
 
 
-def _sync_worker(rank, init_file, results):
-    try:
-        import hebbloss
-        from hebbloss.distributed import reduce_gradients
+def _sync_worker(rank, init_file):
+    import hebbloss
+    from hebbloss.distributed import reduce_gradients
 
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        try:
-            model = _model()
-            plastic = hebbloss.attach(model, rule="oja", targets=["conv2"], reduction="mean",
-                                      post=hebbloss.KWTA(k=1, binary=True, homeostasis=MU_POST))
-            optimizer = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
-            grads = []
-            for step in range(BATCHES):
-                batch = _batch(step)
-                mine = torch.tensor_split(batch, WORLD)[rank]  # 3 and 2 of the 5 images
-                model(mine)
-                optimizer.zero_grad()
-                plastic.loss().backward()
-                reduce_gradients(plastic.plastic_parameters(), weight=len(mine) / len(batch))
-                grads.append([p.grad.numpy().copy() for p in plastic.plastic_parameters()])
-                optimizer.step()
-                plastic.sync(batch_size=len(mine))
-            payload = {"grads": grads, "weights": [p.detach().numpy().copy() for p in plastic.plastic_parameters()],
-                       "theta_model": model.kwta.theta.numpy().copy(),
-                       "theta_post": plastic.posts["conv2"].theta.numpy().copy()}
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, payload, None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-        raise
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        plastic = hebbloss.attach(model, rule="oja", targets=["conv2"], reduction="mean",
+                                  post=hebbloss.KWTA(k=1, binary=True, homeostasis=MU_POST))
+        optimizer = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
+        grads = []
+        for step in range(BATCHES):
+            batch = _batch(step)
+            mine = torch.tensor_split(batch, WORLD)[rank]  # 3 and 2 of the 5 images
+            model(mine)
+            optimizer.zero_grad()
+            plastic.loss().backward()
+            reduce_gradients(plastic.plastic_parameters(), weight=len(mine) / len(batch))
+            grads.append([p.grad.numpy().copy() for p in plastic.plastic_parameters()])
+            optimizer.step()
+            plastic.sync(batch_size=len(mine))
+        payload = {"grads": grads, "weights": [p.detach().numpy().copy() for p in plastic.plastic_parameters()],
+                   "theta_model": model.kwta.theta.numpy().copy(),
+                   "theta_post": plastic.posts["conv2"].theta.numpy().copy()}
+    finally:
+        dist.destroy_process_group()
+    return payload
 
 
 def _winners(u, k):
@@ -168,40 +163,36 @@ ARGS = ["train", "--limit", "11", "--batch-size", "5", "--epochs", "1", "--model
         "--warmup-steps", "1", "--no-progress"]  # batches of 5, 5, 1 images: shards 3/2, 3/2, 1/0
 
 
-def _cli_worker(rank, root, results):
-    try:
-        root = Path(root)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        torch.set_num_threads(1)
-        here = root / f"rank{rank}"
-        here.mkdir()
-        os.chdir(here)  # the results folder "res" is relative: each rank's own, only rank 0's may appear
-        import hebbloss.cli.commands as commands
-        from hebbloss.cli import main
+def _cli_worker(rank, root):
+    root = Path(root)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    here = root / f"rank{rank}"
+    here.mkdir()
+    os.chdir(here)  # the results folder "res" is relative: each rank's own, only rank 0's may appear
+    import hebbloss.cli.commands as commands
+    from hebbloss.cli import main
 
-        real, final = commands.run_training, {}
+    real, final = commands.run_training, {}
 
-        def spy(model, *args, **kwargs):  # what this rank holds when training ends
-            out = real(model, *args, **kwargs)
-            final["model"] = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-            return out
+    def spy(model, *args, **kwargs):  # what this rank holds when training ends
+        out = real(model, *args, **kwargs)
+        final["model"] = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        return out
 
-        commands.run_training = spy
-        os.environ["HEBBLOSS_DIST_INIT"] = f"file://{root / 'rendezvous-1'}"
-        codes = [main([*ARGS, "--out", "res", "--max-steps", "1"])]
-        listing = [sorted(os.listdir(here))]
-        initial = None
-        if rank == 0:  # after the warm-up step only: the initial weights
-            from hebbloss import checkpoint
+    commands.run_training = spy
+    os.environ["HEBBLOSS_DIST_INIT"] = f"file://{root / 'rendezvous-1'}"
+    codes = [main([*ARGS, "--out", "res", "--max-steps", "1"])]
+    listing = [sorted(os.listdir(here))]
+    initial = None
+    if rank == 0:  # after the warm-up step only: the initial weights
+        from hebbloss import checkpoint
 
-            initial = {k: v.numpy().copy() for k, v in checkpoint.load(here / "res" / "checkpoint.pt")["model"].items()}
-        os.environ["HEBBLOSS_DIST_INIT"] = f"file://{root / 'rendezvous-2'}"
-        codes.append(main(["run", "--resume", "res", "--no-progress", "--baselines", "none"]))  # trains, then rank 0 probes
-        listing.append(sorted(os.listdir(here)))
-        results.put((rank, {"codes": codes, "listing": listing, "final": final["model"], "initial": initial}, None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-        raise
+        initial = {k: v.numpy().copy() for k, v in checkpoint.load(here / "res" / "checkpoint.pt")["model"].items()}
+    os.environ["HEBBLOSS_DIST_INIT"] = f"file://{root / 'rendezvous-2'}"
+    codes.append(main(["run", "--resume", "res", "--no-progress", "--baselines", "none"]))  # trains, then rank 0 probes
+    listing.append(sorted(os.listdir(here)))
+    return {"codes": codes, "listing": listing, "final": final["model"], "initial": initial}
 
 
 def test_torchrun_train_is_one_job_equal_to_one_process(tmp_path, gloo, monkeypatch):
