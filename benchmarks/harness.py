@@ -21,10 +21,12 @@ Modes of one step (:func:`build_step`):
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -384,3 +386,37 @@ def step_peak_mib(step: Callable[[], None], device: str = "cpu") -> float:
     before = maxrss_bytes()
     step()
     return (maxrss_bytes() - before) / MiB
+
+
+MEMORY_RUNS = 3  # fresh processes per peak: on a Linux CPU one step's peak RSS varies by tens of MiB from
+# process to process with the allocator's choices (Miconi's network at batch 64: 89 to 135 MiB)
+
+
+def peak_mib_in_fresh_processes(mode: str, model_name: str, batch: int, size: int, device: str = "cpu",
+                                threads: Optional[int] = None, runs: int = MEMORY_RUNS) -> float:
+    """Median over ``runs`` fresh Python processes of :func:`step_peak_mib` for one step of ``mode``
+    (:func:`build_step`): each process measures its own step, so no high-water mark carries over."""
+    cmd = [sys.executable, __file__, "--peak-of", mode, "--model", model_name, "--batch", str(batch),
+           "--size", str(size), "--device", device] + (["--threads", str(threads)] if threads else [])
+    peaks = []
+    for _ in range(runs):
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        peaks.append(json.loads(line)["peak_mib"])
+    return statistics.median(peaks)
+
+
+if __name__ == "__main__":  # one peak, this process: what peak_mib_in_fresh_processes runs
+    import argparse
+
+    parser = argparse.ArgumentParser(description="peak memory of one step of a mode, in this process (JSON line)")
+    parser.add_argument("--peak-of", required=True, choices=MODES)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    cli = parser.parse_args()
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    step = build_step(cli.peak_of, cli.model, cli.batch, cli.size, cli.device)
+    print(json.dumps({"mode": cli.peak_of, "peak_mib": step_peak_mib(step, cli.device)}))

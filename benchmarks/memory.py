@@ -1,11 +1,11 @@
-"""Peak memory of one training step on timm resnet18 (224x224, batch 16), each mode in a fresh process.
+"""Peak memory of one training step on timm resnet18 (224x224, batch 16), each mode in fresh processes.
 
 Modes (Oja's rule with a ReLU post signal on every Conv2d and Linear layer):
     hebbloss   forward with hebbloss.attach + plastic.loss().backward() + SGD step
     streaming  the same with attach(..., streaming=True): each layer's update taken in its forward
     backprop   forward + cross-entropy + backward + SGD step, same model
     inference  forward under torch.no_grad()
-Peak memory of the step: harness.step_peak_mib, in a fresh process per mode (on Linux CPUs the peak
+Peak memory of the step: harness.step_peak_mib, the median of 3 fresh processes per mode (on Linux CPUs the peak
 resident set size during the second step minus the resident set size before it; on CUDA
 torch.cuda.max_memory_allocated during the second step minus the memory allocated before it).
 
@@ -13,14 +13,13 @@ torch.cuda.max_memory_allocated during the second step minus the memory allocate
     python benchmarks/memory.py --device cuda
     python benchmarks/memory.py --mode streaming   # one mode in this process, prints its JSON line
 
-:func:`peak_memory` (one mode, this process) and :func:`measure_all` (each mode in a fresh process);
+:func:`peak_memory` (one mode, this process) and :func:`measure_all` (each mode, the median of fresh processes);
 the models, steps and the measure itself are benchmarks/harness.py's, shared with benchmarks/speed.py. Target (issue 13): streaming <= 0.5 x backprop.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,15 +42,11 @@ def peak_memory(mode: str, model_name: str = "resnet18", size: int = 224, batch:
     return harness.step_peak_mib(step, device)
 
 
-def measure_all(model_name: str = "resnet18", size: int = 224, batch: int = 16, device: str = "cpu", modes=MODES) -> dict:
-    """{mode: peak MiB}, each mode in a fresh Python process."""
-    out = {}
-    for mode in modes:
-        cmd = [sys.executable, __file__, "--mode", mode, "--model", model_name, "--size", str(size),
-               "--batch", str(batch), "--device", device]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        out[mode] = json.loads(line)["peak_mib"]
-    return out
+def measure_all(model_name: str = "resnet18", size: int = 224, batch: int = 16, device: str = "cpu", modes=MODES,
+                runs: int = harness.MEMORY_RUNS) -> dict:
+    """{mode: peak MiB}, each the median of ``runs`` fresh Python processes."""
+    return {mode: harness.peak_mib_in_fresh_processes(STEP_OF[mode], model_name, batch, size, device, runs=runs)
+            for mode in modes}
 
 
 def main() -> None:
@@ -71,7 +66,7 @@ def main() -> None:
         print(f"{m:10s} {peaks[m]:8.1f} MiB   {ratios[m]:.2f} x backprop")
     atomic.write_json(RESULTS, {
         "benchmark": "memory",
-        "what": "peak memory of one step (MiB), each mode in a fresh process; ratios to backprop",
+        "what": "peak memory of one step (MiB), each mode the median of 3 fresh processes; ratios to backprop",
         "model": args.model, "image_size": args.size, "batch": args.batch, "device": args.device,
         "measure": harness.memory_measure(args.device),
         "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else harness.cpu_name(),

@@ -8,7 +8,8 @@ hand_written (forward under no_grad, then one explicit weight-gradient convoluti
 same rule and post signal), compiled (hebbian with the model under torch.compile), bf16 (hebbian
 under torch.autocast(bfloat16)) and, on CUDA, fp16 (float16 autocast with a GradScaler). Times:
 medians of steps timed round-robin in one process (at least --repeat rounds, more until the timed
-steps of a model add up to --min-seconds). Peak memory: each mode in a fresh process, one warm-up step, then one step measured by
+steps of a model add up to --min-seconds). Peak memory: the median of --memory-runs fresh processes per mode
+(harness.peak_mib_in_fresh_processes), each with one warm-up step, then one step measured by
 harness.step_peak_mib (the method of benchmarks/memory.py: on Linux CPUs the peak resident set size
 during the step minus the resident set size before it; torch.cuda.max_memory_allocated on CUDA); not
 measured for compiled (the process would hold the compiler's own memory).
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -76,13 +76,6 @@ def graph_breaks(model_name: str, size: int, device: str) -> dict:
             "reasons": [{"reason": r, "where": w, "count": c} for (r, w), c in reasons.most_common()]}
 
 
-def peak_in_fresh_process(mode: str, model_name: str, batch: int, size: int, device: str, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--memory-of", mode, "--model", model_name, "--batch", str(batch),
-           "--size", str(size), "--device", device, "--threads", str(threads)]
-    line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    return json.loads(line)["peak_mib"]
-
-
 def bench(name: str, args) -> dict:
     model_name, batch, size = CONFIGS[name]
     quick = args.quick and size > 32
@@ -104,7 +97,8 @@ def bench(name: str, args) -> dict:
     if not args.no_compile:
         out["graph_breaks"] = graph_breaks(model_name, size, args.device)
     if not args.no_memory:
-        out["peak_mib"] = {m: peak_in_fresh_process(m, model_name, batch, size, args.device, torch.get_num_threads())
+        out["peak_mib"] = {m: harness.peak_mib_in_fresh_processes(m, model_name, batch, size, args.device,
+                                                                  torch.get_num_threads(), args.memory_runs)
                            for m in MEMORY + (("fp16",) if cuda else ()) if m not in skipped}
     out["ratios"] = ratios(out)
     return out
@@ -135,7 +129,7 @@ def merged(record_path: Path, kind: str, hw: dict, configs: dict) -> dict:
     hardware differs)."""
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record.update(benchmark="speed", targets=TARGETS,
-                  what="median step time (s, one process, round-robin) and peak memory of one step (MiB, fresh process per mode)")
+                  what="median step time (s, one process, round-robin) and peak memory of one step (MiB, median of fresh processes per mode)")
     runs = record.setdefault("runs", {})
     if kind in runs and runs[kind].get("hardware") == hw:
         runs[kind]["configs"].update(configs)
@@ -177,17 +171,11 @@ def main(argv=None):
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip bf16 autocast (a CPU without bf16 instructions, e.g. AVX2 only, emulates it at ~10x fp32's time)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--memory-of", choices=MEMORY + ("fp16",), help=argparse.SUPPRESS)  # one mode, this process: prints JSON
-    parser.add_argument("--model", choices=list(harness.MODELS), help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-runs", type=int, default=harness.MEMORY_RUNS,
+                        help="fresh processes per peak (the median is kept)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_of:
-        step = harness.build_step(args.memory_of, args.model, args.batch, args.size, args.device)
-        print(json.dumps({"mode": args.memory_of, "peak_mib": harness.step_peak_mib(step, args.device)}))
-        return
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     configs = {}
     for name in args.configs:

@@ -211,3 +211,27 @@ def test_the_recipe_step_needs_a_reference_network(harness):
     """The recipe mode runs a reference network's own recipe; a model without one is refused by name."""
     with pytest.raises(ValueError, match="resnet18 has none"):
         harness.build_step("recipe", "resnet18", 1, 32)
+
+
+def test_a_peak_is_the_median_of_fresh_processes_each_measuring_one_step(harness, monkeypatch):
+    """Three processes reporting 1, 5 and 12 MiB give 5 (the median, not the first, the last or the mean); each is
+    run with the mode and sizes asked for; and the entry point those processes run prints a peak."""
+    import subprocess
+
+    seen, peaks = [], iter([1.0, 5.0, 12.0])
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"peak_mib": next(peaks)}) + "\n")
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    assert harness.peak_mib_in_fresh_processes("streaming", "resnet18", 16, 224, runs=3) == 5.0
+    assert len(seen) == 3 and all(cmd[cmd.index("--peak-of") + 1] == "streaming" for cmd in seen)
+    assert seen[0][seen[0].index("--batch") + 1] == "16" and seen[0][seen[0].index("--size") + 1] == "224"
+    monkeypatch.undo()
+
+    cmd = [sys.executable, str(BENCHMARKS / "harness.py"), "--peak-of", "inference", "--model", "miconi2021",
+           "--batch", "2", "--size", "32", "--threads", "1"]
+    line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    got = json.loads(line)
+    assert got["mode"] == "inference" and got["peak_mib"] >= 0
