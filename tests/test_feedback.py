@@ -154,6 +154,34 @@ def test_urfb_initialised_to_w_reproduces_backprop_over_steps():
             torch.testing.assert_close(converted[name.replace("weight", "feedback_weight")], p)
 
 
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+@pytest.mark.parametrize("mode", ["urfb", "kp"])
+def test_trainable_feedback_takes_delta_x_once_for_w_and_b(mode, x_needs_grad):
+    """urfb and kp give W and B the one product delta x^T (plus decay * W and decay * B for kp), in
+    tensors of their own, and b its sum of delta: one weight-gradient convolution per layer, beside the
+    input gradient's, where W and B each taking their own would run two (the layer's own backward and B's)."""
+    from torch.profiler import profile
+
+    decay = 0.1
+    layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    plain = copy.deepcopy(layer)
+    handle = fb.convert(layer, mode, **({"weight_decay": decay} if mode == "kp" else {}))
+    x = torch.randn(2, 3, 7, 6, requires_grad=x_needs_grad)
+    out = layer(x)
+    readout = torch.randn_like(out)
+    with profile() as prof:
+        (out * readout).sum().backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
+    assert calls == (2 if x_needs_grad else 1)
+    _, ref_w, ref_b = _grads_through(plain, x, plain.weight.detach(), readout)
+    B = handle.feedback_weight("")
+    k = decay if mode == "kp" else 0.0
+    torch.testing.assert_close(layer.weight.grad, ref_w + k * plain.weight.detach())
+    torch.testing.assert_close(layer.feedback_weight.grad, ref_w + k * B)
+    torch.testing.assert_close(layer.bias.grad, ref_b)
+    assert layer.weight.grad.data_ptr() != layer.feedback_weight.grad.data_ptr()
+
+
 def _differences(model):
     return {n: (m.weight - m.feedback_weight).detach().clone() for n, m in fb.converted_layers(model).items()}
 

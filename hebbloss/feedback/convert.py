@@ -14,9 +14,12 @@ Design (one forward, no copies, any forward that is linear in W):
 2. a forward hook returns the layer's output through ``_FeedbackGrad``, an autograd.Function whose
    forward is the identity (a detached alias, so later in-place ops such as ReLU(inplace=True) stay
    legal) and whose backward passes delta on to the layer's graph and returns the input gradient
-   computed with B (the adjoint that the layer's family declares in :mod:`hebbloss.layers`), plus, for
-   trainable B (urfb, kp), B's gradient delta * x^T (and the Kolen-Pollack decay terms).
-The cost is that of backprop, plus one weight-gradient product per layer for urfb and kp.
+   computed with B (the adjoint that the layer's family declares in :mod:`hebbloss.layers`);
+3. where B trains (urfb, kp), W and B get the same product delta * x^T: the forward hook returns the
+   output through ``_SharedProduct`` instead, whose backward computes that product once for both (and
+   b's gradient, sum delta), adds the Kolen-Pollack decay terms, and passes nothing to the layer's
+   graph, which then never runs.
+The cost is that of backprop: the input gradient with B in place of the one with W.
 The model keeps its module instances and state_dict keys; B (or its magnitude M) is added to each
 layer as a persistent entry ``feedback_weight`` (buffer, or Parameter for urfb/kp),
 ``feedback_magnitude`` (buffer) or ``feedback_scale`` (usf: a 0-dim buffer), and ``remove()`` deletes it again.
@@ -61,6 +64,47 @@ class _FeedbackGrad(torch.autograd.Function):
         return delta, grad_x, grad_w, grad_b, None, None
 
 
+class _SharedProduct(torch.autograd.Function):
+    """Identity on the layer's output, for trainable B (urfb, kp); backward: the input gradient with B,
+    the product G = delta x^T once as the gradient of both W and B (plus decay * W and decay * B), and
+    b's gradient, delta summed over every dimension but the bias's. Nothing reaches the layer's graph."""
+
+    @staticmethod
+    def forward(ctx, output, x, weight, bias, feedback, adj, decay, bias_dim):
+        ctx.adj, ctx.decay, ctx.bias_dim = adj, decay, bias_dim
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, feedback)
+        return output.detach()  # an alias, not a view: later in-place ops stay legal
+
+    @staticmethod
+    def backward(ctx, delta):
+        x, weight, feedback = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = ctx.adj.input_grad(delta, x, feedback) if needs[1] else None
+        product = ctx.adj.weight_grad(delta, x, feedback) if needs[2] or needs[4] else None
+        grad_w = grad_b = grad_bias = None
+        if needs[2]:  # one tensor for both is fine: autograd stores a grad it cannot steal as a copy
+            grad_w = product + ctx.decay * weight if ctx.decay else product
+        if needs[4]:
+            grad_b = product + ctx.decay * feedback if ctx.decay else product
+        if needs[3]:
+            first, count = ctx.bias_dim
+            dims = [d for d in range(delta.dim()) if not first <= d < first + count]
+            grad_bias = delta.sum(dim=dims, dtype=ctx.bias_dtype) if dims else delta.to(ctx.bias_dtype, copy=True)
+        return None, grad_x, grad_w, grad_bias, grad_b, None, None, None
+
+
+def _bias_dims(bias: Optional[torch.Tensor], output: torch.Tensor, unit_dim: int):
+    """(first, count): the dimensions of ``output`` that ``bias`` spans, from the units' dimension on (a
+    conv's b_c: (1, 1); an untied layer's b_{c,i,j}: (1, 3)), or None where its shape does not line up."""
+    if bias is None:
+        return 0, 0
+    unit_dim %= max(output.dim(), 1)
+    if tuple(output.shape[unit_dim:unit_dim + bias.dim()]) != tuple(bias.shape):
+        return None
+    return unit_dim, bias.dim()
+
+
 class _Layer:
     """One converted layer: its mode, its decay and the input of the call under way."""
 
@@ -100,8 +144,13 @@ class _Layer:
         trains_b = self.mode.trainable and feedback.requires_grad
         if not (x.requires_grad or trains_b):
             return None
+        adjoint = self.adjoint_for(x, output)
+        bias = getattr(module, "bias", None)
+        bias_dim = _bias_dims(bias, output, self.kind.channel_dim(output)) if trains_b else None
+        if bias_dim is not None:
+            return _SharedProduct.apply(output, x, module.weight, bias, feedback, adjoint, self.decay, bias_dim)
         weight = module.weight if self.mode.decays else None
-        return _FeedbackGrad.apply(output, x, weight, feedback, self.adjoint_for(x, output), self.decay)
+        return _FeedbackGrad.apply(output, x, weight, feedback, adjoint, self.decay)
 
 
 class Feedback(HookHandle):
