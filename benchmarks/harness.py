@@ -230,7 +230,6 @@ def build_step(mode: str, model_name: str, batch: int, size: int, device: str = 
     torch.manual_seed(0)
     model = make_model(model_name).to(device).train()
     x, labels = batch_of(model_name, batch, size, device)
-    spec = plastic_spec(model)
     if mode == "inference":
         def step():
             with torch.no_grad():
@@ -248,7 +247,7 @@ def build_step(mode: str, model_name: str, batch: int, size: int, device: str = 
             opt.step()
         return step
     if mode == "hand_written":
-        hand = HandWritten(model, spec)
+        hand = HandWritten(model, plastic_spec(model))
         return lambda: hand.step(x)
     if mode == "recipe":
         recipe = getattr(model, "recipe", None)
@@ -257,7 +256,7 @@ def build_step(mode: str, model_name: str, batch: int, size: int, device: str = 
         plastic = recipe.attach(model)
         opt = recipe.optimizer(plastic)
     else:
-        plastic = attach(model, spec, streaming=mode == "streaming")
+        plastic = attach(model, plastic_spec(model), streaming=mode == "streaming")
         opt = torch.optim.SGD(plastic.plastic_parameters(), lr=LR)
     if mode == "compiled":  # the plain Hebbian step keeps each layer's graph for a possible task loss, which
         from torch._functorch import config as functorch_config  # a compiled graph that donates its buffers
