@@ -24,13 +24,15 @@ def kwta_winners(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.T
     return shifted.max(dim=axis, keepdim=True).indices if k == 1 else shifted.topk(k, dim=axis).indices
 
 
-def kwta_mask(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tensor] = None,
-              winners: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """1 where a channel is among the k largest of z - threshold along ``axis``, else 0 (Miconi 2021);
-    ``winners``: those channels' indices (:func:`kwta_winners`) when already found."""
-    if winners is None:
-        winners = kwta_winners(z, k, axis, threshold)
-    return torch.zeros_like(z).scatter_(axis, winners, 1.0)
+def kwta_mask(z: torch.Tensor, k: int, axis: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 where a channel is among the k largest of z - threshold along ``axis``, else 0 (Miconi 2021)."""
+    return winners_mask(z, kwta_winners(z, k, axis, threshold), axis)
+
+
+def winners_mask(like: torch.Tensor, winners: torch.Tensor, axis: int) -> torch.Tensor:
+    """A tensor shaped and typed as ``like``: 1 at the channel indices ``winners`` (:func:`kwta_winners`)
+    along ``axis``, else 0 (the k-WTA mask from winners already found)."""
+    return torch.zeros_like(like).scatter_(axis, winners, 1.0)
 
 
 def adapt_thresholds(theta: torch.Tensor, winners: torch.Tensor, k: int, rate: float) -> None:
@@ -108,7 +110,7 @@ class KWTA(nn.Module):
             raise ValueError(f"KWTA: k={self.k} winners but the output has only {channels} channels")
         theta = self.theta.to(z.device)
         winners = kwta_winners(z, self.k, axis, theta)
-        mask = kwta_mask(z, self.k, axis, winners=winners)
+        mask = winners_mask(z, winners, axis)
         if self.training and self.homeostasis > 0:
             adapt_thresholds(self.theta, winners, self.k, self.homeostasis)
         return mask if self.binary else z * mask

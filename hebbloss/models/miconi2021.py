@@ -19,8 +19,8 @@ from torch import nn
 
 from .. import optim, prune
 from ..zca import MICONI2021
-from ..competition import kwta_mask, triangle as triangle_fn
-from ..competition.kwta import adapt_thresholds, kwta_winners
+from ..competition import triangle as triangle_fn
+from ..competition.kwta import adapt_thresholds, kwta_winners, winners_mask
 from .blocks import Standardize
 from .recipe import LayerRecipe, Recipe
 
@@ -57,7 +57,7 @@ class HomeostaticTriangle(nn.Module):
         found = kwta_winners(z, self.k, 1, self.theta)
         if not torch.compiler.is_compiling():  # a compiled graph finds them again: no tensor versions there
             self._found = (z, z._version, self.theta._version, found)  # z held: its memory cannot pass to another
-        return kwta_mask(z, self.k, 1, winners=found)
+        return winners_mask(z, found, 1)
 
     def _winners_of(self, found, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The k-WTA indices of u = z - theta: those in ``found`` (stashed by ``winners``) when it saw
@@ -81,7 +81,7 @@ class HomeostaticTriangle(nn.Module):
         u = z - self.theta.to(z.dtype).view(-1, *([1] * (z.dim() - 2)))
         found, self._found = self._found, None  # used by this forward at most, and never held past it
         winners = self._winners_of(found, z, u) if adapt or not self.triangle else None
-        out = triangle_fn(u) if self.triangle else kwta_mask(u, self.k, 1, winners=winners)
+        out = triangle_fn(u) if self.triangle else winners_mask(u, winners, 1)
         if adapt:
             adapt_thresholds(self.theta, winners, self.k, self.homeostasis)
         return out
