@@ -66,7 +66,8 @@ def main() -> None:
         print(f"{m:10s} {peaks[m]:8.1f} MiB   {ratios[m]:.2f} x backprop")
     atomic.write_json(RESULTS, {
         "benchmark": "memory",
-        "what": "peak memory of one step (MiB), each mode the median of 3 fresh processes; ratios to backprop",
+        "what": f"peak memory of one step (MiB), each mode the median of {harness.MEMORY_RUNS} fresh processes; ratios to backprop",
+        "memory_runs": harness.MEMORY_RUNS,
         "model": args.model, "image_size": args.size, "batch": args.batch, "device": args.device,
         "measure": harness.memory_measure(args.device),
         "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else harness.cpu_name(),

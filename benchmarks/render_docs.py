@@ -106,13 +106,22 @@ def pipeline_section(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _memory_processes(configs: dict) -> str:
+    """How the peaks were taken: the median of N fresh processes per mode where the runs say so."""
+    runs = {r.get("memory_runs") for r in configs.values()}
+    if len(runs) == 1 and None not in runs:
+        n = runs.pop()
+        return "Each mode in a fresh process" if n == 1 else f"Each mode the median of {n} fresh processes"
+    return "Each mode in fresh processes"
+
+
 def memory_section(record: dict) -> str:
     lines = [
         "## Peak memory of one step",
         "",
         f"Produced by `python benchmarks/memory.py`: timm {record['model']}, {record['image_size']}x{record['image_size']}, "
         f"batch {record['batch']}, on {record['device']} ({record.get('hardware', '?')}), torch {record['torch']}; "
-        f"each mode in a fresh process, measured as the {record['measure']} during the step. Oja's rule with a ReLU "
+        f"{_memory_processes({'memory': record}).lower()}, measured as the {record['measure']} during the step. Oja's rule with a ReLU "
         "post signal on every layer; `streaming` is `attach(..., streaming=True)`.",
         "",
         "| mode | peak memory | / backprop |",
@@ -206,7 +215,7 @@ def speed_tables(run: dict, targets: dict) -> list:
     if with_memory:
         mem_modes = [(m, label) for m, label in modes if any(m in r["peak_mib"] for r in with_memory.values())]
         lines += ["", "### Peak memory of one step (MiB)", "",
-                  "Each mode in a fresh process, one warm-up step, then the step measured: "
+                  _memory_processes(with_memory) + ", one warm-up step, then the step measured: "
                   + ("`torch.cuda.max_memory_allocated` during the step minus the memory allocated before it."
                      if run["hardware"].get("gpu") else
                      "the peak resident set size during the step minus the resident set size before it (free heap "

@@ -97,6 +97,7 @@ def bench(name: str, args) -> dict:
     if not args.no_compile:
         out["graph_breaks"] = graph_breaks(model_name, size, args.device)
     if not args.no_memory:
+        out["memory_runs"] = args.memory_runs
         out["peak_mib"] = {m: harness.peak_mib_in_fresh_processes(m, model_name, batch, size, args.device,
                                                                   torch.get_num_threads(), args.memory_runs)
                            for m in MEMORY + (("fp16",) if cuda else ()) if m not in skipped}

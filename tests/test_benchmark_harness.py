@@ -235,3 +235,13 @@ def test_a_peak_is_the_median_of_fresh_processes_each_measuring_one_step(harness
     line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     got = json.loads(line)
     assert got["mode"] == "inference" and got["peak_mib"] >= 0
+
+
+def test_the_memory_text_says_how_many_processes_each_peak_is_the_median_of():
+    render = _load("render_docs")
+    assert render._memory_processes({"a": {"memory_runs": 3}, "b": {"memory_runs": 3}}) == \
+        "Each mode the median of 3 fresh processes"
+    assert render._memory_processes({"a": {"memory_runs": 1}}) == "Each mode in a fresh process"
+    # runs that do not say, or say differently, get the words that are true of all of them
+    assert render._memory_processes({"a": {"memory_runs": 3}, "b": {}}) == "Each mode in fresh processes"
+    assert render._memory_processes({"a": {"memory_runs": 3}, "b": {"memory_runs": 5}}) == "Each mode in fresh processes"
