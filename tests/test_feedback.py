@@ -182,6 +182,23 @@ def test_trainable_feedback_takes_delta_x_once_for_w_and_b(mode, x_needs_grad):
     assert layer.weight.grad.data_ptr() != layer.feedback_weight.grad.data_ptr()
 
 
+@pytest.mark.parametrize("mode", ["urfb", "kp", "fa"])
+def test_trainable_feedback_lets_the_layers_own_graph_go_in_the_forward(mode):
+    """Where W and B share the product (urfb, kp) the output has no edge back to the layer's own graph,
+    so nothing keeps what it saved (an untied layer's input patches) until the backward; fa still
+    passes delta on to it for W's gradient."""
+    layer = fb.LocallyConnected2d(2, 3, input_size=(5, 5), kernel_size=3)
+    fb.convert(layer, mode)
+    out = layer(torch.randn(2, 2, 5, 5, requires_grad=True))
+    to_layer = out.grad_fn.next_functions[0][0]  # where delta goes for the output the Function got
+    if mode == "fa":
+        assert to_layer is not None
+    else:
+        assert to_layer is None
+        out.sum().backward()
+        assert layer.weight.grad is not None and layer.feedback_weight.grad is not None and layer.bias.grad is not None
+
+
 def _differences(model):
     return {n: (m.weight - m.feedback_weight).detach().clone() for n, m in fb.converted_layers(model).items()}
 

@@ -17,8 +17,8 @@ Design (one forward, no copies, any forward that is linear in W):
    computed with B (the adjoint that the layer's family declares in :mod:`hebbloss.layers`);
 3. where B trains (urfb, kp), W and B get the same product delta * x^T: the forward hook returns the
    output through ``_SharedProduct`` instead, whose backward computes that product once for both (and
-   b's gradient, sum delta), adds the Kolen-Pollack decay terms, and passes nothing to the layer's
-   graph, which then never runs.
+   b's gradient, sum delta), adds the Kolen-Pollack decay terms, and has no edge to the layer's graph,
+   which is let go in the forward and never runs.
 The cost is that of backprop: the input gradient with B in place of the one with W.
 The model keeps its module instances and state_dict keys; B (or its magnitude M) is added to each
 layer as a persistent entry ``feedback_weight`` (buffer, or Parameter for urfb/kp),
@@ -147,8 +147,9 @@ class _Layer:
         adjoint = self.adjoint_for(x, output)
         bias = getattr(module, "bias", None)
         bias_dim = _bias_dims(bias, output, self.kind.channel_dim(output)) if trains_b else None
-        if bias_dim is not None:
-            return _SharedProduct.apply(output, x, module.weight, bias, feedback, adjoint, self.decay, bias_dim)
+        if bias_dim is not None:  # output enters detached: no edge keeps the layer's graph (an untied layer's
+            # input patches) alive until the backward, which would never use it
+            return _SharedProduct.apply(output.detach(), x, module.weight, bias, feedback, adjoint, self.decay, bias_dim)
         weight = module.weight if self.mode.decays else None
         return _FeedbackGrad.apply(output, x, weight, feedback, adjoint, self.decay)
 
