@@ -329,12 +329,13 @@ def test_bad_input_gives_clear_errors_and_changes_nothing():
         fb.convert(nn.ReLU(), "fa")
 
 
-def test_autocast_bfloat16_gradient_close_to_float64_reference():
+@pytest.mark.parametrize("mode", ["fa", "urfb"])
+def test_autocast_bfloat16_gradient_close_to_float64_reference(mode):
     torch.set_default_dtype(torch.float32)
     if True:
         conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
         plain = copy.deepcopy(conv).double()
-        h = fb.convert(conv, "fa")
+        h = fb.convert(conv, mode)
         x = torch.randn(2, 3, 6, 6, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = conv(x)
@@ -349,20 +350,32 @@ def test_autocast_bfloat16_gradient_close_to_float64_reference():
         d_flat = delta @ B2  # feedback through the linear layer
         ref = torch.autograd.grad(F.conv2d(xr, B0, None, padding=1), xr, d_flat.reshape(z0.shape))[0]
         torch.testing.assert_close(x.grad.double(), ref, rtol=0.05, atol=0.05)
+        w0 = plain[0].weight.detach().requires_grad_(True)
+        b0 = plain[0].bias.detach().requires_grad_(True)
+        ref_w, ref_b = torch.autograd.grad(F.conv2d(xr.detach(), w0, b0, padding=1), (w0, b0), d_flat.reshape(z0.shape))
+        torch.testing.assert_close(conv[0].weight.grad.double(), ref_w, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(conv[0].bias.grad.double(), ref_b, rtol=0.05, atol=0.05)
+        if mode == "urfb":  # B takes W's gradient, in its own dtype
+            assert conv[0].feedback_weight.grad.dtype == torch.float32
+            torch.testing.assert_close(conv[0].feedback_weight.grad.double(), ref_w, rtol=0.05, atol=0.05)
 
 
-def test_pruned_layer_gets_masked_weight_gradient_and_feedback_input_gradient():
+@pytest.mark.parametrize("mode", ["fa", "urfb"])
+def test_pruned_layer_gets_masked_weight_gradient_and_feedback_input_gradient(mode):
     conv = nn.Conv2d(3, 4, 3, padding=1)
     torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.5)
     plain = nn.Conv2d(3, 4, 3, padding=1)
     with torch.no_grad():
         plain.weight.copy_(conv.weight)
         plain.bias.copy_(conv.bias)
-    h = fb.convert(conv, "fa")
+    h = fb.convert(conv, mode)
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     out = conv(x)
     readout = torch.randn_like(out)
     (out * readout).sum().backward()
-    ref_x, ref_w, _ = _grads_through(plain, x, h.feedback_weight(""), readout)
+    ref_x, ref_w, ref_b = _grads_through(plain, x, h.feedback_weight(""), readout)
     torch.testing.assert_close(x.grad, ref_x)
     torch.testing.assert_close(conv.weight_orig.grad, ref_w * conv.weight_mask)
+    torch.testing.assert_close(conv.bias.grad, ref_b)
+    if mode == "urfb":  # B is not pruned: it takes the whole product
+        torch.testing.assert_close(conv.feedback_weight.grad, ref_w)
