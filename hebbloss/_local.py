@@ -188,6 +188,19 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
     (default: :data:`CHUNK_BYTES` on the CPU for a weight of at most :data:`CHUNKED_WEIGHT_BYTES`, 0
     elsewhere; 0 means the whole batch in one call; one sample at least; an unbatched call is one chunk).
     ``sparse``: the product from y's nonzeros instead (``adjoint.sparse_weight_grad``, in chunks of its own)."""
+    out: Dict[int, torch.Tensor] = {}
+    with torch.no_grad(), _without_autocast(post.device.type):  # the dtypes are chosen here, not by autocast
+        if any(p is weight for p in learning):
+            out[id(weight)] = adjoint.sparse_weight_grad(post, x, weight) if sparse else \
+                _dense_product(weight, kind, adjoint, x, post, chunk_bytes)
+        if bias is not None and any(p is bias for p in learning):
+            out[id(bias)] = _bias_sum(post, kind, bias)
+    return out
+
+
+def _dense_product(weight, kind: LayerType, adjoint: Adjoint, x: torch.Tensor, post: torch.Tensor,
+                   chunk_bytes: Optional[int]) -> torch.Tensor:
+    """sum y x by the dense kernel (``adjoint.weight_grad``), in batch chunks (see :func:`chunked_hebbian`)."""
     if chunk_bytes is None:
         small = weight.numel() * weight.element_size() <= CHUNKED_WEIGHT_BYTES
         chunk_bytes = CHUNK_BYTES if post.device.type == "cpu" and small else 0
@@ -197,22 +210,13 @@ def chunked_hebbian(weight, bias, kind: LayerType, adjoint: Adjoint, x: torch.Te
     dtype = torch.float32 if post.dtype == torch.float16 else post.dtype
     per_sample = post[0].numel() * post.element_size() if batched and post.shape[0] > 0 else 0
     step = post.shape[0] if not (per_sample and chunk_bytes) else max(1, chunk_bytes // per_sample)
-    out: Dict[int, torch.Tensor] = {}
-    with torch.no_grad(), _without_autocast(post.device.type):  # the dtypes are chosen here, not by autocast
-        if any(p is weight for p in learning):
-            if sparse:
-                grad = adjoint.sparse_weight_grad(post, x, weight)
-            elif not batched or step >= post.shape[0]:
-                grad = adjoint.weight_grad(post.to(dtype), x, weight)
-            else:
-                grad = None
-                for y_c, x_c in zip(post.split(step), x.split(step)):
-                    g = adjoint.weight_grad(y_c.to(dtype), x_c, weight)
-                    grad = g if grad is None else grad.add_(g)
-            out[id(weight)] = grad
-        if bias is not None and any(p is bias for p in learning):
-            out[id(bias)] = _bias_sum(post, kind, bias)
-    return out
+    if not batched or step >= post.shape[0]:
+        return adjoint.weight_grad(post.to(dtype), x, weight)
+    grad = None
+    for y_c, x_c in zip(post.split(step), x.split(step)):
+        g = adjoint.weight_grad(y_c.to(dtype), x_c, weight)
+        grad = g if grad is None else grad.add_(g)
+    return grad
 
 
 def _without_autocast(device_type: str):
