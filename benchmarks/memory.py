@@ -5,7 +5,7 @@ Modes (Oja's rule with a ReLU post signal on every Conv2d and Linear layer):
     streaming  the same with attach(..., streaming=True): each layer's update taken in its forward
     backprop   forward + cross-entropy + backward + SGD step, same model
     inference  forward under torch.no_grad()
-Peak memory of the step: harness.step_peak_mib, the median of 3 fresh processes per mode (on Linux CPUs the peak
+Peak memory of the step: harness.step_peak_mib, the median of harness.MEMORY_RUNS (3) fresh processes per mode (on Linux CPUs the peak
 resident set size during the second step minus the resident set size before it; on CUDA
 torch.cuda.max_memory_allocated during the second step minus the memory allocated before it).
 
