@@ -172,11 +172,12 @@ class Oja(Rule):
         """sum y^2 per unit. For a contiguous [batch, unit, *positions] signal (every convolution) it is the
         squared norm of each sample's positions, summed over the batch: no activation-sized y*y
         temporary, and a float32 error no larger than the plain sum's (tests/test_core_rules.py checks
-        it; a norm over batch and positions together is much less accurate). Half-precision signals are
-        reduced in float32. With one position per sample the plain sum is the faster."""
+        it; a norm over batch and positions together is much less accurate). Any other layout (a
+        channels-last convolution, units last) sums y*y over batch chunks (:func:`summed_density`).
+        Half-precision signals are reduced in float32."""
         if post.dim() < 3 or channel_dim % post.dim() != 1 or not post.is_contiguous() \
                 or post.numel() == post.shape[0] * post.shape[1]:
-            return super().coefficients(post, output, channel_dim)
+            return summed_density(self.decay, post, output, channel_dim)
         dtype = torch.promote_types(post.dtype, torch.float32)
         return torch.linalg.vector_norm(post.flatten(2), dim=2, dtype=dtype).square_().sum(dim=0)
 
@@ -189,9 +190,43 @@ class SoftHebb(Rule):
     def decay(self, post, output):
         return post * output
 
+    def coefficients(self, post, output, channel_dim):
+        """sum y*u per unit, over batch chunks (:func:`summed_density`). Where the layer's Hebbian
+        product is taken at once, hebbloss reads S_c off that product instead (:meth:`decay_is_correlation`)."""
+        return summed_density(self.decay, post, output, channel_dim)
+
     def decay_is_correlation(self) -> bool:
         """True, unless a subclass changed how S_c is computed."""
-        return type(self).decay is SoftHebb.decay and type(self).coefficients is Rule.coefficients
+        return type(self).decay is SoftHebb.decay and type(self).coefficients is SoftHebb.coefficients
+
+
+DENSITY_CHUNK_BYTES = 2 ** 20  # of y per chunk in summed_density (Xeon, 1 thread: 256 KiB to 1 MiB alike)
+
+
+def summed_density(decay, post: torch.Tensor, output: torch.Tensor, channel_dim: int) -> Optional[torch.Tensor]:
+    """S_c: the element-wise density ``decay(post, output)`` summed over every dimension but
+    ``channel_dim``, taken over chunks of the leading dimension of at most :data:`DENSITY_CHUNK_BYTES`
+    of ``post`` each (where that dimension is not the units'): each chunk's density temporary stays
+    in the cache and under the allocator's threshold for fresh pages, where a whole activation-sized
+    one does not (timm convnext_atto, batch 32, channels-last [32, 160, 56, 56]: 8 ms against 31 ms
+    for y*y and its sum). Equal to the plain sum up to float rounding; a half-precision signal is taken
+    to float32 a chunk at a time, before its density. Only for a density that is element-wise, as the
+    built-in rules' are."""
+    half = post.dtype in (torch.float16, torch.bfloat16)
+    if output.dim() == 1:  # an unbatched Linear: y's units are the only dimension
+        return decay(post.float(), output.float()) if half else decay(post, output)
+    channel_dim %= output.dim()
+    dims = [d for d in range(output.dim()) if d != channel_dim]
+    per_row = post[0].numel() * post.element_size() if post.shape[0] else 0
+    step = post.shape[0] if channel_dim == 0 or not per_row else max(1, DENSITY_CHUNK_BYTES // per_row)
+    total = None
+    for y, u in zip(post.split(step), output.split(step)):
+        density = decay(y.float(), u.float()) if half else decay(y, u)
+        if density is None:
+            return None
+        part = density.sum(dim=dims)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def available() -> list:

@@ -219,7 +219,8 @@ def test_reference_hebb_term_is_the_layers_correlation(kind, data):
 @pytest.mark.parametrize("shape, channel_dim, memory_format", [
     ((16, 16, 64, 64), 1, torch.contiguous_format),  # conv2d: per-sample norms over the positions (large
     # enough that a norm over batch and positions together, 1.5e-5 off, would fail)
-    ((4, 8, 30, 30), 1, torch.channels_last),       # not contiguous: the plain sum of y*y
+    ((4, 8, 30, 30), 1, torch.channels_last),       # not contiguous: y*y summed over batch chunks
+    ((37, 64, 16, 16), 1, torch.channels_last),     # several chunks of 1 MiB, the last one short
     ((3, 5, 4, 6, 7), 1, torch.contiguous_format),  # conv3d
     ((6, 5, 9), -1, torch.contiguous_format),       # linear over leading dims: units last
 ])
@@ -235,10 +236,42 @@ def test_oja_coefficients_in_float32_match_float64(shape, channel_dim, memory_fo
     torch.testing.assert_close(S.double(), expected, rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("rule", ["oja", "softhebb"])
+@pytest.mark.parametrize("shape, channel_dim, memory_format", [
+    ((7, 6, 5, 4), 1, torch.channels_last),
+    ((7, 3, 10), -1, torch.contiguous_format),  # units last, chunks over the leading dimension
+    ((9, 10), -1, torch.contiguous_format),
+    ((6, 5, 4), 0, torch.contiguous_format),    # an unbatched conv1d: units first, nothing to chunk
+])
+def test_densities_summed_in_chunks_match_float64(monkeypatch, rule, shape, channel_dim, memory_format):
+    """Summed one sample (or row) at a time, S_c of Oja (sum y^2) and SoftHebb (sum y*u) still equal the
+    float64 sums of the plain densities."""
+    monkeypatch.setattr(hebbloss.rules, "DENSITY_CHUNK_BYTES", 1)  # one row of the leading dimension per chunk
+    torch.manual_seed(0)
+    y = torch.randn(shape).contiguous(memory_format=memory_format)
+    u = torch.randn(shape).contiguous(memory_format=memory_format)
+    S = hebbloss.rules.get(rule).coefficients(y, u, channel_dim)
+    cdim = channel_dim % y.dim()
+    density = y.double() ** 2 if rule == "oja" else y.double() * u.double()
+    expected = density.movedim(cdim, 0).reshape(shape[cdim], -1).sum(dim=1)
+    torch.testing.assert_close(S.double(), expected, rtol=2e-6, atol=1e-6)
+
+
+def test_a_subclass_that_changes_softhebbs_density_is_not_read_off_the_product():
+    class Halved(hebbloss.rules.SoftHebb):
+        def decay(self, post, output):
+            return 0.5 * post * output
+    assert hebbloss.rules.SoftHebb().decay_is_correlation()
+    assert not Halved().decay_is_correlation()
+    y, u = torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 2.0)
+    torch.testing.assert_close(Halved().coefficients(y, u, 1), torch.full((3,), 32.0))
+
+
 def test_oja_coefficients_of_bfloat16_signals_are_reduced_in_float32():
     torch.manual_seed(0)
-    y = torch.randn(2, 4, 16, 16).to(torch.bfloat16)
-    S = hebbloss.rules.get("oja").coefficients(y, y, 1)
-    expected = (y.double() ** 2).sum(dim=(0, 2, 3))
-    assert S.dtype == torch.float32
-    torch.testing.assert_close(S.double(), expected, rtol=2e-6, atol=0)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        y = torch.randn(2, 4, 16, 16).to(torch.bfloat16).contiguous(memory_format=memory_format)
+        S = hebbloss.rules.get("oja").coefficients(y, y, 1)
+        expected = (y.double() ** 2).sum(dim=(0, 2, 3))
+        assert S.dtype == torch.float32
+        torch.testing.assert_close(S.double(), expected, rtol=2e-6, atol=0)
