@@ -151,6 +151,23 @@ def test_softwta_sets_subnormal_values_to_zero_and_keeps_the_rest(anti, requires
         assert torch.isfinite(u.grad).all()
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_softwta_winner_is_the_first_of_equal_values_and_its_gradient_is_the_reference(requires_grad):
+    """Ties (whole-number u) go to the first channel, as in the reference; where u requires grad,
+    the gradient is that of the plain float64 expression softmax * (+1 winner, -1 others)."""
+    u = torch.randint(-2, 3, (3, 5, 4, 4), generator=torch.Generator().manual_seed(0)).to(D)
+    u.requires_grad_(requires_grad)
+    y = SoftWTA(0.7)(u)
+    torch.testing.assert_close(y.detach(), softwta_reference(u.detach(), 0.7, True), rtol=0, atol=1e-12)
+    if requires_grad:
+        weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=D)
+        (grad,) = torch.autograd.grad((y * weights).sum(), u)
+        v = u.detach().clone().requires_grad_(True)
+        sign = torch.full_like(v, -1.0).scatter_(1, v.detach().argmax(dim=1, keepdim=True), 1.0)
+        (expected,) = torch.autograd.grad((torch.softmax(0.7 * v, dim=1) * sign * weights).sum(), v)
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("beta", [-1.0, 0.0, float("nan"), float("inf")])
 def test_softwta_rejects_bad_temperature(beta):
     with pytest.raises(ValueError, match="inverse_temperature"):
