@@ -175,7 +175,7 @@ def takes_sparse_product(adjoint: Optional[Adjoint], post: torch.Tensor, weight:
         return False
     batched = post.dim() >= weight.dim()  # conv: [B, C, *spatial] against [C, C_in, *kernel]; Linear: [..., C]
     sample = post[:max(1, post.shape[0] // 16)] if batched else post
-    per_position = int(torch.count_nonzero(sample)) * units / sample.numel()
+    per_position = int(sample.bool().sum()) * units / sample.numel()  # count_nonzero: 5x slower on a channels-last y
     return units * fan_in >= SPARSE_GAIN * (units + fan_in * (1 + per_position))
 
 
