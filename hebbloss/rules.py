@@ -177,7 +177,8 @@ class Oja(Rule):
         Half-precision signals are reduced in float32."""
         if post.dim() < 3 or channel_dim % post.dim() != 1 or not post.is_contiguous() \
                 or post.numel() == post.shape[0] * post.shape[1]:
-            return summed_density(self.decay, post, output, channel_dim)
+            # Oja's own density reads y alone: passing y as the output converts half precision once
+            return summed_density(self.decay, post, post if type(self).decay is Oja.decay else output, channel_dim)
         dtype = torch.promote_types(post.dtype, torch.float32)
         return torch.linalg.vector_norm(post.flatten(2), dim=2, dtype=dtype).square_().sum(dim=0)
 
@@ -221,7 +222,9 @@ def summed_density(decay, post: torch.Tensor, output: torch.Tensor, channel_dim:
     step = post.shape[0] if channel_dim == 0 or not per_row else max(1, DENSITY_CHUNK_BYTES // per_row)
     total = None
     for y, u in zip(post.split(step), output.split(step)):
-        density = decay(y.float(), u.float()) if half else decay(y, u)
+        if half:
+            y, u = (y.float(), u.float()) if output is not post else (y.float(),) * 2
+        density = decay(y, u)
         if density is None:
             return None
         part = density.sum(dim=dims)

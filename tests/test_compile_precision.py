@@ -211,3 +211,35 @@ def test_a_float16_layer_whose_update_passes_float16s_range_gets_the_finite_upda
     for got, expected in ((layer.weight.grad, expected_w), (layer.bias.grad, expected_b)):
         assert torch.isfinite(got).all()
         assert (got.to(D) - expected).abs().max() / expected.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bf16_depthwise_channels_last_layer_gets_its_update_in_float32(monkeypatch, streaming):
+    """A depthwise convolution on a channels-last input under bfloat16 autocast on the CPU (timm's
+    ConvNeXt blocks): its product sum y x is taken in float32 from the layer's bf16 y and its input, and Oja's
+    S_c, the bias's sum y and the loss's <y, z> are summed in float32 chunks (made small here, so that
+    every sum has several). Weight and bias gradients and the loss then equal the float64 sums of the
+    same bf16 values to float32 rounding, where a bf16 product would be off by up to 2e-3."""
+    monkeypatch.setattr(hebbloss.rules, "DENSITY_CHUNK_BYTES", 1)
+    monkeypatch.setattr(hebbloss.surrogate, "DOT_CHUNK", 50)
+    g = torch.Generator().manual_seed(5)
+    layer = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    x = torch.randn(5, 4, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    plastic = hebbloss.attach(layer, rule="oja", post="relu", streaming=streaming)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(x)
+        loss = plastic.loss()
+    assert z.dtype == torch.bfloat16
+    loss.backward()
+    z64, x64 = z.detach().to(D), x.to(D)  # the layer's bf16 output; the product takes the input as the layer got it
+    y = z64.clamp_min(0)
+    S = (y * y).sum(dim=(0, 2, 3))
+    patches = torch.nn.functional.unfold(x64, 3, padding=1).reshape(5, 4, 9, 81)  # [N, C, kernel, P]
+    product = torch.einsum("ncp,nckp->ck", y.flatten(2), patches).reshape(4, 1, 3, 3)
+    w, b = layer.weight.detach().to(D), layer.bias.detach().to(D)
+    expected_w = -(product - S.view(4, 1, 1, 1) * w)
+    expected_b = -(y.sum(dim=(0, 2, 3)) - S * b)
+    torch.testing.assert_close(layer.weight.grad.to(D), expected_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad.to(D), expected_b, rtol=1e-5, atol=1e-5)
+    expected_loss = -(y * z64).sum() + 0.5 * (S * ((w * w).sum(dim=(1, 2, 3)) + b * b)).sum()
+    torch.testing.assert_close(loss.to(D), expected_loss, rtol=1e-5, atol=1e-4)
