@@ -12,7 +12,10 @@ own backward gives with y as the output gradient: the framework's weight-gradien
 - where y is larger than the weight (early convolutions, large images), at once, in the forward hook,
   from the layer's graph (``torch.autograd.grad``); y is then let go and only the weight-sized result
   waits for the backward (the streaming of SoftHebb's hand-written update, as a gradient);
-- elsewhere, in the node's backward, for all such layers in a single ``torch.autograd.grad`` call.
+- elsewhere, in the node's backward, for all such layers in a single ``torch.autograd.grad`` call;
+  except where the layer's family has a faster product for the call than the kernel of the layer's own
+  backward (``weight_grad_is_faster``: a large convolution summed over few positions, on the CPU, as one
+  matrix product with its input patches, :func:`hebbloss.layers.conv.takes_matmul`): then at once, by it.
 
 With ``streaming=True`` every layer takes the first way, and its graph is not retained: nothing but
 the weight-sized result and the decay coefficients outlive the forward hook. Where the layer's family
@@ -94,10 +97,12 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
     post, detached = (post.detach() if post.requires_grad else post), output.detach()
     learning = [p for p in (weight, bias) if p is not None and p.requires_grad]
     trained = bool(learning) and output.requires_grad
-    now = trained and at_once(weight, post, streaming, sparse)
+    now = trained and at_once(weight, post, streaming, sparse, adjoint)
     by_adjoint = now and adjoint is not None and x is not None
+    # the term's sums read off G where y is the larger (reading W and G costs less than reading y and z
+    # again), not in half precision (a bfloat16 G is rounded where <y, z> summed in float32 is not)
     if by_adjoint and any(p is weight for p in learning) and (bias is None or _per_unit_bias(bias, kind, post)) \
-            and post.dtype not in HALF:  # a bfloat16 G is rounded where <y, z> summed in float32 is not
+            and post.dtype not in HALF and post.numel() > weight.numel():
         return _term_from_product(weight, bias, kind, groups, output, post, rule, reduction, adjoint, x, learning,
                                   sparse)
     with torch.no_grad():
@@ -126,7 +131,7 @@ def local_term(weight, bias, kind: LayerType, groups: int, output: torch.Tensor,
 def _term_from_product(weight, bias, kind: LayerType, groups: int, output, post, rule: Rule, reduction: str,
                        adjoint: Adjoint, x: torch.Tensor, learning, sparse: bool = False) -> LocalTerm:
     """The term of a layer whose Hebbian half is taken at once by its family's weight-gradient product
-    G = sum y x. As z = W x + b is linear in W, each unit's correlation is
+    G = sum y x, for y larger than the weight. As z = W x + b is linear in W, each unit's correlation is
     <y_c, z_c> = <W_c, G_c> + b_c sum y_c: the loss's value (and SoftHebb's S_c, which is that
     correlation) comes from weight-sized tensors, where reading y and z again would cost two passes
     over the layer's activations. Equal to the direct sums up to float rounding. Not for half-precision
@@ -147,10 +152,15 @@ def _term_from_product(weight, bias, kind: LayerType, groups: int, output, post,
     return LocalTerm(weight, bias, kind, groups, mean_scale(kind, output, reduction), decay, units.sum(), norm, hebbian)
 
 
-def at_once(weight: torch.Tensor, post: torch.Tensor, streaming: bool, sparse: bool = False) -> bool:
+def at_once(weight: torch.Tensor, post: torch.Tensor, streaming: bool, sparse: bool = False,
+            adjoint: Optional[Adjoint] = None) -> bool:
     """Whether a layer call's Hebbian half sum y x is taken in its forward hook (always when streaming
-    or from y's nonzeros; else where y is larger than the weight) rather than in the loss's backward."""
-    return streaming or sparse or post.numel() > weight.numel()
+    or from y's nonzeros; else where y is larger than the weight, or where the family's ``adjoint``
+    takes the product faster than the layer's own backward would) rather than in the loss's backward."""
+    if streaming or sparse or post.numel() > weight.numel():
+        return True
+    faster = getattr(adjoint, "weight_grad_is_faster", None)
+    return faster is not None and faster(post, weight)
 
 
 SPARSE_GAIN = 64  # see takes_sparse_product

@@ -170,7 +170,7 @@ class Plasticity(HookHandle, nn.Module):
             x = args[0].detach()  # the family's weight-gradient product, in batch chunks, needs no graph
             adjoint = kind.adjoint(module, x, output)
             sparse = takes_sparse_product(adjoint, post, module.weight)
-            if not at_once(module.weight, post, self.streaming, sparse):
+            if not at_once(module.weight, post, self.streaming, sparse, adjoint):
                 adjoint = x = None
         local = output  # its graph reaches only the layer's weight and bias (its input is detached)
         if not self.detach_input and adjoint is None:  # the model's graph stays whole: re-run the layer on a detached input

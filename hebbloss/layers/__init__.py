@@ -31,6 +31,8 @@ class Adjoint(Protocol):
 
     # Optional attribute ``sparse_weight_grad(delta, x, feedback)``: the same product from delta's nonzeros
     # (:mod:`hebbloss.layers.sparse`); absent or None where the family has none (the dense one serves).
+    # Optional method ``weight_grad_is_faster(delta, feedback) -> bool``: whether ``weight_grad`` is faster
+    # for this call than the kernel the layer's own backward runs (hebbloss then takes the product with it).
 
 
 class LayerType:

@@ -51,23 +51,31 @@ def conv_sparse_weight_grad(post: torch.Tensor, x_padded: torch.Tensor, kernel: 
     """sum over samples and positions of y x_patch for an N-d convolution with groups=1 on an input
     already padded (batched: [B, C_in, *spatial]; ``post`` [B, C_out, *out]), shape
     [C_out, C_in, *kernel], from y's nonzeros; in float32, or in y's dtype where that is wider."""
-    dims = len(kernel)
     wide = torch.promote_types(post.dtype, torch.float32)
     batch, units, out_size = post.shape[0], post.shape[1], post.shape[2:]
-    x_last = x_padded.movedim(1, -1)  # channels last: a patch is a run of whole pixels
-    if not x_last.is_contiguous():
-        x_last = x_last.contiguous()
-    s = x_last.stride()
-    spatial = s[1:1 + dims]
-    windows = x_last.as_strided(
-        (batch, *out_size, *kernel, x_last.shape[-1]),
-        (s[0], *(a * b for a, b in zip(spatial, stride)), *(a * b for a, b in zip(spatial, dilation)), 1))
-    positions, fan_in = math.prod(out_size), math.prod(kernel) * x_last.shape[-1]
+    windows = patch_windows(x_padded, out_size, kernel, stride, dilation)
+    positions, fan_in = math.prod(out_size), math.prod(kernel) * x_padded.shape[1]
     out = torch.zeros(units, fan_in, dtype=wide, device=post.device)
     y = post.reshape(batch, units, positions).transpose(1, 2)  # [B, P, C]: nonzeros come in patch order
-    step = max(1, chunk_bytes // max(1, positions * fan_in * x_last.element_size()))
+    step = max(1, chunk_bytes // max(1, positions * fan_in * x_padded.element_size()))
     for start in range(0, batch, step):
         rows = windows[start:start + step].reshape(-1, fan_in)  # the chunk's patches, one copy
         _accumulate(out, rows, y[start:start + step].reshape(-1, units))
     # [C_out, *kernel, C_in] -> the weight's [C_out, C_in, *kernel]
-    return out.view(units, *kernel, x_last.shape[-1]).movedim(-1, 1).contiguous()
+    return out.view(units, *kernel, x_padded.shape[1]).movedim(-1, 1).contiguous()
+
+
+def patch_windows(x_padded: torch.Tensor, out_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                  dilation: Sequence[int]) -> torch.Tensor:
+    """The input patches of an N-d convolution (groups=1) on an input already padded ([B, C_in, *spatial]),
+    as a strided view [B, *out_size, *kernel, C_in] of its channels-last copy: a patch is a run of whole
+    pixels, and ``reshape(-1, prod(kernel) * C_in)`` copies them as the rows of an im2col matrix."""
+    dims = len(kernel)
+    x_last = x_padded.movedim(1, -1)
+    if not x_last.is_contiguous():
+        x_last = x_last.contiguous()
+    s = x_last.stride()
+    spatial = s[1:1 + dims]
+    return x_last.as_strided(
+        (x_padded.shape[0], *out_size, *kernel, x_last.shape[-1]),
+        (s[0], *(a * b for a, b in zip(spatial, stride)), *(a * b for a, b in zip(spatial, dilation)), 1))
