@@ -194,10 +194,12 @@ def speed_tables(run: dict, targets: dict) -> list:
               "hand-written update would reach: the same forward and the same weight-gradient kernels, each called "
               f"once on the whole batch, with nothing added. Where it is above {targets['hebbian_over_backprop']:.2f}, "
               "that target cannot be met by that computation on this hardware; only a cheaper way to run the forward "
-              "or the weight-gradient products could meet it. hebbloss has two such ways on the CPU: it takes the product "
-              "of a large feature map with a small weight in batch chunks that stay in the cache, and it gathers the "
+              "or the weight-gradient products could meet it. hebbloss has three such ways on the CPU: it takes the "
+              "product of a large feature map with a small weight in batch chunks that stay in the cache; it gathers the "
               "product of a sparse post signal (Miconi's k-WTA winners) at its nonzeros, for layers where that does "
-              "less work than the dense kernel (`hebbloss._local.takes_sparse_product`); the hand-written update uses "
+              "less work than the dense kernel (`hebbloss._local.takes_sparse_product`); and it takes the product of a "
+              "large weight over few positions (the SoftHebb network's layer 3 at batch 10) as one matrix product with "
+              "the input patches (`hebbloss.layers.conv.takes_matmul`). The hand-written update uses "
               "the dense kernel for every layer, as a researcher writes it. Lower precision is another way."]
     fp16 = any("fp16_over_hebbian" in r["ratios"] for r in configs.values())
     lines += ["", "Ratios to the Hebbian step (time): streaming, torch.compile, autocast.", "",
