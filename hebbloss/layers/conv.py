@@ -175,12 +175,7 @@ def conv_sparse_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.
     not for a transposed or grouped convolution (:func:`has_sparse_product`)."""
     if not has_sparse_product(geom):
         raise ValueError("the sparse weight-gradient product is for convolutions with groups=1, not transposed")
-    xb, db = _batched(x, geom.dims), _batched(delta, geom.dims)
-    pads = geom.pads
-    if pads is None and any(geom.padding):
-        pads = tuple(p for size in reversed(geom.padding) for p in (size, size))
-    if pads is not None:
-        xb = F.pad(xb, list(pads), mode=geom.mode if geom.pads is not None else "constant")
+    xb, db = _zero_or_explicit_pad(_batched(x, geom.dims), geom), _batched(delta, geom.dims)
     grad = sparse.conv_sparse_weight_grad(db, xb, weight.shape[2:], geom.stride, geom.dilation)
     return grad.to(weight.dtype)
 
