@@ -198,8 +198,8 @@ def speed_tables(run: dict, targets: dict) -> list:
               "product of a large feature map with a small weight in batch chunks that stay in the cache; it gathers the "
               "product of a sparse post signal (Miconi's k-WTA winners) at its nonzeros, for layers where that does "
               "less work than the dense kernel (`hebbloss._local.takes_sparse_product`); and it takes the product of a "
-              "large weight over few positions (the SoftHebb network's layer 3 at batch 10) as one matrix product with "
-              "the input patches (`hebbloss.layers.conv.takes_matmul`). The hand-written update uses "
+              "large weight over few positions a sample (the SoftHebb network's layer 3) as matrix products with "
+              "the input patches, over batch chunks (`hebbloss.layers.conv.takes_matmul`). The hand-written update uses "
               "the dense kernel for every layer, as a researcher writes it. Lower precision is another way."]
     fp16 = any("fp16_over_hebbian" in r["ratios"] for r in configs.values())
     lines += ["", "Ratios to the Hebbian step (time): streaming, torch.compile, autocast.", "",

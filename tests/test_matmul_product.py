@@ -37,6 +37,9 @@ def matmuls(monkeypatch):
     (lambda: nn.Conv1d(3, 25, 3, stride=2), (3, 3, 9)),
     (lambda: nn.Conv3d(2, 40, 2, padding=1), (1, 2, 2, 2, 3)),
     (lambda: nn.Conv2d(3, 40, 3), (3, 5, 5)),  # unbatched
+    # 20 x 2 x 2 positions for 64 units: in batch chunks of 16 and 4 samples (64 units >= 16 x 4 positions)
+    (lambda: nn.Conv2d(3, 64, 3), (20, 3, 4, 4)),
+    (lambda: nn.Conv2d(2, 64, 3, padding=1, padding_mode="reflect"), (40, 2, 2, 2)),  # chunks of 16, 16, 8
 ])
 def test_matmul_product_equals_the_float64_reference(matmuls, make, shape):
     torch.manual_seed(0)
@@ -46,7 +49,7 @@ def test_matmul_product_equals_the_float64_reference(matmuls, make, shape):
         y = torch.randn_like(layer(x))
     kind = hebbloss.layers.layer_type_of(layer)
     adjoint = kind.adjoint(layer, x, y)
-    assert conv_layers.takes_matmul(y, layer.weight, adjoint.geom), "positions <= units: the product applies"
+    assert conv_layers.takes_matmul(y, layer.weight, adjoint.geom), "few positions for the units: the product applies"
     got = adjoint.weight_grad(y, x, layer.weight)
     batched = x.dim() == layer.weight.dim()
     xb, yb = (x, y) if batched else (x.unsqueeze(0), y.unsqueeze(0))
@@ -61,6 +64,10 @@ def test_the_kernel_serves_where_positions_outnumber_units_or_the_layer_is_group
     assert not conv_layers.takes_matmul(y, torch.randn(8, 3, 3, 3), geom)
     few = torch.randn(1, 40, 2, 2)  # 4 positions, 40 units
     assert conv_layers.takes_matmul(few, torch.randn(40, 3, 3, 3), geom)
+    many = torch.randn(30, 64, 2, 2)  # 120 positions for 64 units, but 16 x 4 positions a sample <= 64 units
+    assert conv_layers.takes_matmul(many, torch.randn(64, 3, 3, 3), geom)
+    wide = torch.randn(30, 63, 2, 2)  # 16 x 4 positions a sample > 63 units
+    assert not conv_layers.takes_matmul(wide, torch.randn(63, 3, 3, 3), geom)
     assert not conv_layers.takes_matmul(few.half(), torch.randn(40, 3, 3, 3).half(), geom)
     grouped = hebbloss.layers.conv.ConvGeometry(dims=2, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=2)
     assert not conv_layers.takes_matmul(few, torch.randn(40, 2, 3, 3), grouped)

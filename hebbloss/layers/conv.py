@@ -124,24 +124,30 @@ def conv_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 MATMUL_WEIGHT_BYTES = 4 * 2 ** 20  # see takes_matmul
+MATMUL_UNITS_PER_POSITION = 16  # see takes_matmul
 
 
 def takes_matmul(delta: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> bool:
-    """Whether :func:`conv_weight_grad` takes delta * x^T as one matrix product, [C_out, positions] times
+    """Whether :func:`conv_weight_grad` takes delta * x^T as matrix products, [C_out, positions] times
     the im2col matrix of the input patches [positions, fan_in] (positions: samples x output positions),
     rather than by the framework's kernel: on the CPU, in float32 or float64, for a convolution with
-    groups=1, not transposed, whose weight is at least MATMUL_WEIGHT_BYTES and whose positions are no
-    more than its units (the patch copy is then no larger than the weight). oneDNN's weight-gradient
-    kernel is slow there, a large weight summed over few positions (Xeon, AVX512, 1 thread: the SoftHebb
-    network's layer 3, 1,536 units x 384 x 3 x 3 over 10 x 8 x 8 positions, 47 ms against 61 ms;
-    768 -> 3,072 units over 10 x 4 x 4 positions, 82 against 190 ms), and faster than the matrix
-    product wherever the positions outnumber the units (resnet18's 3x3 convolutions at batch 32:
-    1.9x to 3x the product's speed)."""
+    groups=1, not transposed, whose weight is at least MATMUL_WEIGHT_BYTES, and whose positions are no
+    more than its units, or whose units are at least MATMUL_UNITS_PER_POSITION times the positions of
+    one sample (the product is then taken over batch chunks of at most as many positions as units, so
+    that no patch copy is larger than the weight). oneDNN's weight-gradient kernel is slow there, a large
+    weight summed over few positions (Xeon, AVX512, 1 thread: the SoftHebb network's layer 3, 1,536 units
+    x 384 x 3 x 3 over 8 x 8 positions a sample, 47 ms against 61 ms at batch 10 and 325 against 381 ms
+    at batch 64; 768 -> 3,072 units over 4 x 4 positions, 82 against 190 ms at batch 10), and faster than
+    the matrix product where a sample's positions are many for the units (resnet18's 3x3 convolutions at
+    batch 32: 1.07x to 3x the product's speed, 512 units over 7 x 7 positions the closest)."""
     if delta.device.type != "cpu" or delta.dtype not in (torch.float32, torch.float64) or geom.transposed \
             or geom.groups != 1 or weight.numel() * delta.element_size() < MATMUL_WEIGHT_BYTES:
         return False
-    units = delta.shape[1] if delta.dim() == geom.dims + 2 else delta.shape[0]
-    return 0 < delta.numel() // units <= units
+    batched = delta.dim() == geom.dims + 2
+    units = delta.shape[1] if batched else delta.shape[0]
+    positions = delta.numel() // units
+    per_sample = positions // delta.shape[0] if batched and delta.shape[0] else positions
+    return 0 < positions and (positions <= units or MATMUL_UNITS_PER_POSITION * per_sample <= units)
 
 
 def _zero_or_explicit_pad(xb: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
@@ -155,12 +161,16 @@ def _zero_or_explicit_pad(xb: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
 
 def _matmul_weight_grad(db: torch.Tensor, x_padded: torch.Tensor, kernel: Sequence[int],
                         geom: ConvGeometry) -> torch.Tensor:
-    """delta * x^T as [C_out, positions] @ [positions, fan_in] (see :func:`takes_matmul`)."""
+    """delta * x^T as [C_out, positions] @ [positions, fan_in], summed over batch chunks of at most
+    as many positions as units (one sample at least; see :func:`takes_matmul`)."""
     units, out_size = db.shape[1], db.shape[2:]
-    windows = sparse.patch_windows(x_padded, out_size, kernel, geom.stride, geom.dilation)
-    patches = windows.reshape(-1, math.prod(kernel) * x_padded.shape[1])  # the im2col matrix: one copy
-    signal = db.movedim(1, -1).reshape(-1, units)
-    product = signal.t() @ patches  # [C_out, *kernel x C_in]
+    step = max(1, units // max(1, math.prod(out_size)))
+    product = None
+    for d_c, x_c in zip(db.split(step), x_padded.split(step)):
+        windows = sparse.patch_windows(x_c, out_size, kernel, geom.stride, geom.dilation)
+        patches = windows.reshape(-1, math.prod(kernel) * x_c.shape[1])  # the im2col matrix: one copy
+        signal = d_c.movedim(1, -1).reshape(-1, units)
+        product = signal.t() @ patches if product is None else product.addmm_(signal.t(), patches)
     return product.view(units, *kernel, x_padded.shape[1]).movedim(-1, 1).contiguous()
 
 
