@@ -151,6 +151,28 @@ def test_softwta_sets_subnormal_values_to_zero_and_keeps_the_rest(anti, requires
         assert torch.isfinite(u.grad).all()
 
 
+@given(beta=st.floats(0.5, 3.0), anti=st.booleans(), seed=st.integers(0, 2**16))
+def test_softwta_over_a_wide_spread_matches_the_float64_reference(beta, anti, seed):
+    """u spread over hundreds (as in the SoftHebb network's first layer), so that many softmax values
+    fall below float32's smallest normal: those are 0, every other value is the float64 reference's."""
+    u64 = torch.randn(2, 7, 3, 3, generator=torch.Generator().manual_seed(seed), dtype=D) * 60
+    y = SoftWTA(beta, anti_hebbian=anti)(u64.float()).to(D)
+    expected = softwta_reference(u64.float().to(D), beta, anti)
+    small = expected.abs() < torch.finfo(torch.float32).tiny
+    assert small.any(), "the spread must reach below float32's smallest normal"
+    assert (y[small] == 0).all()
+    # float32's rounding of beta * u (up to hundreds) moves exp(beta * (u - max u)) by a relative error
+    # of about eps x (|beta u| + |beta max u|)
+    u32 = u64.float().to(D)
+    magnitude = beta * (u32.abs() + u32.amax(dim=1, keepdim=True).abs())
+    bound = expected.abs() * 4 * torch.finfo(torch.float32).eps * (1 + magnitude)
+    assert ((y - expected).abs() <= bound)[~small].all()
+    # and bit for bit torch.softmax's own float32 values, where they are normal numbers
+    plain = torch.softmax(u64.float() * beta, dim=1)
+    plain = torch.where(plain < torch.finfo(torch.float32).tiny, 0.0, plain).to(D)
+    assert torch.equal(y.abs(), plain)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_softwta_winner_is_the_first_of_equal_values_and_its_gradient_is_the_reference(requires_grad):
     """Ties (whole-number u) go to the first channel, as in the reference; where u requires grad,
