@@ -125,6 +125,30 @@ def test_softhebb_cifar10_architecture_real_sizes():
     assert (model.recipe.batch_size, model.recipe.epochs, model.recipe.softhebb_power) == (10, 1, 0.5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randn(3, 5, 9, 8, generator=g, dtype=torch.float64),
+    lambda g: torch.randint(-2, 3, (3, 5, 9, 8), generator=g).double(),  # ties: the gradient goes to the first
+    lambda g: torch.randn(3, 5, 9, 8, generator=g).contiguous(memory_format=torch.channels_last),
+])
+@pytest.mark.parametrize("kernel, stride, padding", [(4, 2, 1), (3, 2, 0), (2, 2, 0)])
+def test_blocks_max_pool_equals_torchs_in_values_gradient_and_layout(make, kernel, stride, padding):
+    """The reference networks' MaxPool2d (channels-last on the CPU) against torch's own nn.MaxPool2d."""
+    from hebbloss.models.blocks import MaxPool2d
+    x = make(torch.Generator().manual_seed(0))
+    weights = torch.randn(nn.MaxPool2d(kernel, stride, padding)(x).shape, generator=torch.Generator().manual_seed(1),
+                          dtype=x.dtype)
+    outs, grads = [], []
+    for pool in (MaxPool2d(kernel, stride, padding), nn.MaxPool2d(kernel, stride, padding)):
+        leaf = x.clone().requires_grad_(True)
+        out = pool(leaf)
+        (out * weights).sum().backward()
+        outs.append(out)
+        grads.append(leaf.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert outs[0].is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+    assert outs[0].is_contiguous() == x.is_contiguous()
+
+
 def test_softhebb_variants():
     mnist = models.softhebb("mnist", channels=(4, 6, 8))
     assert mnist.bn1.num_features == 1 and mnist(torch.randn(2, 1, 28, 28)).shape == (2, 8, 3, 3)

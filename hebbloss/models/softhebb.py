@@ -19,6 +19,7 @@ from torch import nn
 
 from ..init import init_radius
 from ..competition import SoftWTA, Triangle
+from .blocks import MaxPool2d
 from .recipe import LayerRecipe, Recipe
 
 PAPER = "Journe, Garcia Rodriguez, Guo & Moraitis 2023, Hebbian deep learning without feedback, ICLR"
@@ -140,7 +141,7 @@ def pooled_size(size: int, blocks: Sequence[Block]) -> int:
 
 def _pool(spec):
     kind, kernel, stride, padding = spec
-    return nn.MaxPool2d(kernel, stride, padding) if kind == "max" else nn.AvgPool2d(kernel, stride, padding)
+    return MaxPool2d(kernel, stride, padding) if kind == "max" else nn.AvgPool2d(kernel, stride, padding)
 
 
 def make_recipe(dataset: str, blocks: Sequence[Block], in_channels: int, depth: Optional[int] = None) -> Recipe:
