@@ -110,3 +110,35 @@ def test_attach_takes_a_small_signal_of_a_large_layer_at_once_by_the_matrix_prod
         w, b = layer.weight.detach().to(D), layer.bias.detach().to(D)
         expected_loss += -(y * z).sum() + 0.5 * (S * (w.flatten(1).square().sum(1) + b * b)).sum()
     torch.testing.assert_close(loss.to(D), expected_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_a_channels_last_1x1_convolution_takes_the_product_of_two_views(dtype, batch, monkeypatch):
+    """A 1x1 convolution on channels-last tensors (timm convnext's MLP): one matrix product, whatever the
+    weight's size, equal to the float64 reference; an NCHW input, a stride, padding or a larger kernel
+    keep the kernel (the default threshold stands)."""
+    calls = []
+    original = conv_layers._matmul_weight_grad
+    monkeypatch.setattr(conv_layers, "_matmul_weight_grad", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(3)
+    layer = nn.Conv2d(6, 9, 1).to(dtype)
+    x = torch.randn(batch, 6, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = torch.relu(layer(x))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    adjoint = hebbloss.layers.layer_type_of(layer).adjoint(layer, x, y)
+    got = adjoint.weight_grad(y, x, layer.weight)
+    assert calls == [1]
+    expected, _ = layer_update(layer.to(D), x.to(D), y.to(D), torch.zeros(9, dtype=D))
+    tol = TOL if dtype == D else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.to(D), expected, **tol)
+    for other, inp in ((nn.Conv2d(6, 9, 1), x.contiguous()), (nn.Conv2d(6, 9, 1, stride=2), x),
+                       (nn.Conv2d(6, 9, 1, padding=1), x), (nn.Conv2d(6, 9, 3, padding=1), x)):
+        other = other.to(dtype)
+        with torch.no_grad():
+            out = other(inp)
+        adjoint = hebbloss.layers.layer_type_of(other).adjoint(other, inp, out)
+        calls.clear()
+        adjoint.weight_grad(out, inp, other.weight)
+        assert calls == [], other
