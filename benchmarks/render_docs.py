@@ -194,13 +194,19 @@ def speed_tables(run: dict, targets: dict) -> list:
               "hand-written update would reach: the same forward and the same weight-gradient kernels, each called "
               f"once on the whole batch, with nothing added. Where it is above {targets['hebbian_over_backprop']:.2f}, "
               "that target cannot be met by that computation on this hardware; only a cheaper way to run the forward "
-              "or the weight-gradient products could meet it. hebbloss has three such ways on the CPU: it takes the "
+              "or the weight-gradient products could meet it. hebbloss has five such ways on the CPU: it takes the "
               "product of a large feature map with a small weight in batch chunks that stay in the cache; it gathers the "
               "product of a sparse post signal (Miconi's k-WTA winners) at its nonzeros, for layers where that does "
-              "less work than the dense kernel (`hebbloss._local.takes_sparse_product`); and it takes the product of a "
+              "less work than the dense kernel (`hebbloss._local.takes_sparse_product`); it takes the product of a "
               "large weight over few positions a sample (the SoftHebb network's layer 3) as matrix products with "
-              "the input patches, over batch chunks (`hebbloss.layers.conv.takes_matmul`). The hand-written update uses "
-              "the dense kernel for every layer, as a researcher writes it. Lower precision is another way."]
+              "the input patches, over batch chunks (`hebbloss.layers.conv.takes_matmul`), and that of a channels-last "
+              "1x1 convolution (timm convnext's) as one matrix product of two views; and it takes a depthwise "
+              "convolution's product as a forward depthwise convolution of the input by y, whose kernel is several "
+              "times faster than the weight-gradient one (`hebbloss.layers.conv.takes_depthwise_correlation`). The "
+              "hand-written update uses the dense kernel for every layer, as a researcher writes it. Lower precision "
+              "is another way. The reference networks' own max pooling runs channels-last on the CPU "
+              "(`hebbloss.models.blocks.MaxPool2d`, the same values bit for bit), in every mode: it shortens the "
+              "forward of the SoftHebb network, not its backprop step (the pooling's backward gains nothing)."]
     fp16 = any("fp16_over_hebbian" in r["ratios"] for r in configs.values())
     lines += ["", "Ratios to the Hebbian step (time): streaming, torch.compile, autocast.", "",
               "| model | batch | streaming / Hebbian | compiled / Hebbian | bf16 / Hebbian |" + (" fp16 / Hebbian |" if fp16 else "")
