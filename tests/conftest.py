@@ -33,6 +33,22 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def spy(monkeypatch):
+    """spy(module, name, key): module.name wrapped for the test, each call appending key(*args) to the
+    list returned (the function still runs)."""
+    def install(module, name, key):
+        calls = []
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(key(*args, **kwargs))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+        return calls
+    return install
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,16 +11,9 @@ from reference import D, layer_update, rule_update
 
 
 @pytest.fixture
-def correlations(monkeypatch):
+def correlations(spy):
     """The calls of the depthwise correlation, by channels."""
-    calls = []
-    original = conv_layers._depthwise_weight_grad
-
-    def spy(db, x_padded, kernel, geom):
-        calls.append(db.shape[1])
-        return original(db, x_padded, kernel, geom)
-    monkeypatch.setattr(conv_layers, "_depthwise_weight_grad", spy)
-    return calls
+    return spy(conv_layers, "_depthwise_weight_grad", lambda db, *rest: db.shape[1])
 
 
 @pytest.mark.parametrize("make, shape", [

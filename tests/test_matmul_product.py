@@ -15,17 +15,10 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture
-def matmuls(monkeypatch):
+def matmuls(monkeypatch, spy):
     """Every weight large enough for the matrix product; the list of its calls, by units."""
     monkeypatch.setattr(conv_layers, "MATMUL_WEIGHT_BYTES", 0)
-    calls = []
-    original = conv_layers._matmul_weight_grad
-
-    def spy(db, x_padded, kernel, geom):
-        calls.append(db.shape[1])
-        return original(db, x_padded, kernel, geom)
-    monkeypatch.setattr(conv_layers, "_matmul_weight_grad", spy)
-    return calls
+    return spy(conv_layers, "_matmul_weight_grad", lambda db, *rest: db.shape[1])
 
 
 @pytest.mark.parametrize("make, shape", [
@@ -114,13 +107,11 @@ def test_attach_takes_a_small_signal_of_a_large_layer_at_once_by_the_matrix_prod
 
 @pytest.mark.parametrize("dtype", [torch.float32, D])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_a_channels_last_1x1_convolution_takes_the_product_of_two_views(dtype, batch, monkeypatch):
+def test_a_channels_last_1x1_convolution_takes_the_product_of_two_views(dtype, batch, spy):
     """A 1x1 convolution on channels-last tensors (timm convnext's MLP): one matrix product, whatever the
     weight's size, equal to the float64 reference; an NCHW input, a stride, padding or a larger kernel
     keep the kernel (the default threshold stands)."""
-    calls = []
-    original = conv_layers._matmul_weight_grad
-    monkeypatch.setattr(conv_layers, "_matmul_weight_grad", lambda *a: calls.append(1) or original(*a))
+    calls = spy(conv_layers, "_matmul_weight_grad", lambda *args: 1)
     torch.manual_seed(3)
     layer = nn.Conv2d(6, 9, 1).to(dtype)
     x = torch.randn(batch, 6, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
