@@ -52,7 +52,8 @@ def _without_deep_tails(u: torch.Tensor, inverse_temperature: float, axis: int) 
     1 thread)."""
     x = u * inverse_temperature if inverse_temperature != 1.0 else u
     # not float16, whose smallest normal (6e-5) does change a float32 sum of 1
-    if u.device.type != "cpu" or u.requires_grad or u.dtype not in _WIDE_RANGE or u.numel() == 0:
+    if u.device.type != "cpu" or u.requires_grad or u.dtype not in _WIDE_RANGE or u.numel() == 0 \
+            or torch.compiler.is_compiling():  # the test below would break a compiled graph
         return x
     # amax and amin: two vectorised passes, where aminmax's single one took 5x their time along NCHW channels
     high, low = x.amax(dim=axis, keepdim=True), x.amin(dim=axis, keepdim=True)
