@@ -116,7 +116,9 @@ def _unpad(grad: torch.Tensor, xb: torch.Tensor, geom: ConvGeometry) -> torch.Te
 
 def conv_weight_grad(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     """delta * x^T for a convolution: the gradient of its weight (of ``weight``'s shape). By the
-    framework's kernel, or where :func:`takes_matmul` as one matrix product with the input patches."""
+    framework's kernel, or on the CPU by a faster route: matrix products with the input patches (where
+    :func:`takes_matmul`, and for a channels-last 1x1 convolution), or a forward depthwise convolution
+    (where :func:`takes_depthwise_correlation`)."""
     xb, db = _batched(x, geom.dims).to(delta.dtype), _batched(delta, geom.dims)
     if takes_matmul(delta, weight, geom) or _pointwise_channels_last(db, xb, weight, geom):
         return _matmul_weight_grad(db, _zero_or_explicit_pad(xb, geom), weight.shape[2:], geom).to(weight.dtype)
