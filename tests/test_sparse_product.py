@@ -80,6 +80,26 @@ def test_the_patches_are_copied_in_chunks_and_summed_whole():
     torch.testing.assert_close(got, _hebbian(conv, x, y)[0], **TOL)
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(3, 40, 3), (2, 3, 4, 4)),  # 2 x 2 x 2 positions for 40 units
+    (lambda: nn.Conv2d(3, 40, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 1)), (3, 3, 3, 2)),
+    (lambda: nn.Conv1d(2, 30, 3, padding=1, padding_mode="reflect"), (4, 2, 3)),
+])
+@pytest.mark.parametrize("chunk_bytes", [1, sparse.PATCH_CHUNK_BYTES])
+def test_fewer_patches_than_units_give_sum_y_x(make, shape, chunk_bytes):
+    """Fewer output positions than units (Miconi's layer 3 at batch 10): the patches' columns are put
+    in the weight's order before the gather; the product is still the reference's."""
+    conv = make().to(D)
+    x = torch.randn(shape, dtype=D)
+    z = conv(x).detach()
+    assert z.numel() // z.shape[1] < z.shape[1]
+    y = kwta(z, 2, binary=False)
+    geom = hebbloss.layers.layer_type_of(conv).adjoint(conv, x, z).geom
+    x_padded = hebbloss.layers.conv._zero_or_explicit_pad(x, geom)
+    got = sparse.conv_sparse_weight_grad(y, x_padded, conv.kernel_size, conv.stride, conv.dilation, chunk_bytes)
+    torch.testing.assert_close(got, _hebbian(conv, x, y)[0], **TOL)
+
+
 @pytest.mark.parametrize("shape, k", [((6, 10), 1), ((2, 3, 10), 3)])
 def test_the_sparse_linear_product_is_sum_y_x(shape, k):
     fc = nn.Linear(7, shape[-1]).to(D)

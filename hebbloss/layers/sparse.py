@@ -54,15 +54,22 @@ def conv_sparse_weight_grad(post: torch.Tensor, x_padded: torch.Tensor, kernel: 
     wide = torch.promote_types(post.dtype, torch.float32)
     batch, units, out_size = post.shape[0], post.shape[1], post.shape[2:]
     windows = patch_windows(x_padded, out_size, kernel, stride, dilation)
-    positions, fan_in = math.prod(out_size), math.prod(kernel) * x_padded.shape[1]
+    in_channels, taps = x_padded.shape[1], math.prod(kernel)
+    positions, fan_in = math.prod(out_size), taps * in_channels
     out = torch.zeros(units, fan_in, dtype=wide, device=post.device)
     y = post.reshape(batch, units, positions).transpose(1, 2)  # [B, P, C]: nonzeros come in patch order
     step = max(1, chunk_bytes // max(1, positions * fan_in * x_padded.element_size()))
+    # a patch row is [*kernel, C_in]; the weight is [C_out, C_in, *kernel]: where there are fewer patch rows
+    # than units, the rows are put in the weight's order, else the product is, once at the end
+    reorder_rows = batch * positions < units and taps > 1
     for start in range(0, batch, step):
         rows = windows[start:start + step].reshape(-1, fan_in)  # the chunk's patches, one copy
+        if reorder_rows:
+            rows = rows.view(-1, taps, in_channels).transpose(1, 2).reshape(-1, fan_in)
         _accumulate(out, rows, y[start:start + step].reshape(-1, units))
-    # [C_out, *kernel, C_in] -> the weight's [C_out, C_in, *kernel]
-    return out.view(units, *kernel, x_padded.shape[1]).movedim(-1, 1).contiguous()
+    if reorder_rows:
+        return out.view(units, in_channels, *kernel)
+    return out.view(units, *kernel, in_channels).movedim(-1, 1).contiguous()
 
 
 def patch_windows(x_padded: torch.Tensor, out_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
