@@ -213,26 +213,20 @@ def _zero_or_explicit_pad(xb: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
 def _matmul_weight_grad(db: torch.Tensor, x_padded: torch.Tensor, kernel: Sequence[int],
                         geom: ConvGeometry) -> torch.Tensor:
     """delta * x^T as [C_out, positions] @ [positions, fan_in], summed over batch chunks of at most
-    as many positions as units (one sample at least; see :func:`takes_matmul`). The patches are copied
-    pixel by pixel ([*kernel, C_in] per row, channels-last); the product comes back to the weight's
-    [C_out, C_in, *kernel] order by reordering the patches' columns where the whole batch is one chunk
-    (the patches are then no larger than the product), else by reordering the product once."""
-    units, out_size, in_channels = db.shape[1], db.shape[2:], x_padded.shape[1]
-    taps = math.prod(kernel)
+    as many positions as units (one sample at least; see :func:`takes_matmul`). The patches
+    (:func:`sparse.patch_rows`) are put in the weight's order where the whole batch is one chunk (they
+    are then no larger than the product), else the product is, once."""
+    units, out_size = db.shape[1], db.shape[2:]
     pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in geom.stride)  # its patches are the input's pixels
     step = db.shape[0] if pointwise else max(1, units // max(1, math.prod(out_size)))
-    reorder_patches = step >= db.shape[0] and taps > 1
+    in_weight_order = step >= db.shape[0]
     product = None
     for d_c, x_c in zip(db.split(step), x_padded.split(step)):
-        windows = sparse.patch_windows(x_c, out_size, kernel, geom.stride, geom.dilation)
-        patches = windows.reshape(-1, taps * in_channels)  # the im2col matrix: one copy
-        if reorder_patches:
-            patches = patches.view(-1, taps, in_channels).transpose(1, 2).reshape(-1, in_channels * taps)
+        patches = sparse.patch_rows(sparse.patch_windows(x_c, out_size, kernel, geom.stride, geom.dilation),
+                                    in_weight_order)
         signal = d_c.movedim(1, -1).reshape(-1, units)
         product = signal.t() @ patches if product is None else product.addmm_(signal.t(), patches)
-    if reorder_patches:
-        return product.view(units, in_channels, *kernel)
-    return product.view(units, *kernel, in_channels).movedim(-1, 1).contiguous()
+    return sparse.in_weight_layout(product, kernel, x_padded.shape[1], in_weight_order)
 
 
 def has_sparse_product(geom: ConvGeometry) -> bool:

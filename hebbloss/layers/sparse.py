@@ -10,6 +10,8 @@ are strided windows of its (padded) input in channels-last order, copied in batc
 
 Same sum as the dense kernel up to float rounding (the order of the additions differs); accumulated
 in float32 at least. :func:`hebbloss._local.chunked_hebbian` chooses it on the CPU where y is sparse.
+The patches (:func:`patch_windows`, :func:`patch_rows`, :func:`in_weight_layout`) also serve the dense
+matrix product of :mod:`hebbloss.layers.conv`.
 """
 from __future__ import annotations
 
@@ -54,22 +56,16 @@ def conv_sparse_weight_grad(post: torch.Tensor, x_padded: torch.Tensor, kernel: 
     wide = torch.promote_types(post.dtype, torch.float32)
     batch, units, out_size = post.shape[0], post.shape[1], post.shape[2:]
     windows = patch_windows(x_padded, out_size, kernel, stride, dilation)
-    in_channels, taps = x_padded.shape[1], math.prod(kernel)
-    positions, fan_in = math.prod(out_size), taps * in_channels
+    in_channels = x_padded.shape[1]
+    positions, fan_in = math.prod(out_size), math.prod(kernel) * in_channels
     out = torch.zeros(units, fan_in, dtype=wide, device=post.device)
     y = post.reshape(batch, units, positions).transpose(1, 2)  # [B, P, C]: nonzeros come in patch order
     step = max(1, chunk_bytes // max(1, positions * fan_in * x_padded.element_size()))
-    # a patch row is [*kernel, C_in]; the weight is [C_out, C_in, *kernel]: where there are fewer patch rows
-    # than units, the rows are put in the weight's order, else the product is, once at the end
-    reorder_rows = batch * positions < units and taps > 1
+    in_weight_order = batch * positions < units  # see patch_rows
     for start in range(0, batch, step):
-        rows = windows[start:start + step].reshape(-1, fan_in)  # the chunk's patches, one copy
-        if reorder_rows:
-            rows = rows.view(-1, taps, in_channels).transpose(1, 2).reshape(-1, fan_in)
+        rows = patch_rows(windows[start:start + step], in_weight_order)  # the chunk's patches, one copy
         _accumulate(out, rows, y[start:start + step].reshape(-1, units))
-    if reorder_rows:
-        return out.view(units, in_channels, *kernel)
-    return out.view(units, *kernel, in_channels).movedim(-1, 1).contiguous()
+    return in_weight_layout(out, kernel, in_channels, in_weight_order)
 
 
 def patch_windows(x_padded: torch.Tensor, out_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -86,3 +82,26 @@ def patch_windows(x_padded: torch.Tensor, out_size: Sequence[int], kernel: Seque
     return x_last.as_strided(
         (x_padded.shape[0], *out_size, *kernel, x_last.shape[-1]),
         (s[0], *(a * b for a, b in zip(spatial, stride)), *(a * b for a, b in zip(spatial, dilation)), 1))
+
+
+def patch_rows(windows: torch.Tensor, in_weight_order: bool = False) -> torch.Tensor:
+    """The im2col matrix of :func:`patch_windows` ([B, *out_size, *kernel, C_in]), one copy: a row per
+    output position, its columns in pixel order [*kernel, C_in], or with ``in_weight_order`` in the
+    order of a convolution weight's [C_in, *kernel] (a second copy). A product of a signal with the
+    rows comes out [C_out, fan_in]; :func:`in_weight_layout` makes it the weight's [C_out, C_in, *kernel]
+    by reordering it, unless the rows were: the callers reorder whichever is smaller (rows where there are
+    fewer of them than units)."""
+    dims = (windows.dim() - 2) // 2
+    taps, in_channels = math.prod(windows.shape[1 + dims:-1]), windows.shape[-1]
+    rows = windows.reshape(-1, taps * in_channels)
+    if not in_weight_order or taps == 1:
+        return rows
+    return rows.view(-1, taps, in_channels).transpose(1, 2).reshape(-1, in_channels * taps)
+
+
+def in_weight_layout(product: torch.Tensor, kernel: Sequence[int], in_channels: int,
+                     rows_in_weight_order: bool) -> torch.Tensor:
+    """A product [C_out, fan_in] of a signal with :func:`patch_rows`, as [C_out, C_in, *kernel]."""
+    if rows_in_weight_order or math.prod(kernel) == 1:
+        return product.view(product.shape[0], in_channels, *kernel)
+    return product.view(product.shape[0], *kernel, in_channels).movedim(-1, 1).contiguous()
