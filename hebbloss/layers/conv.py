@@ -147,8 +147,7 @@ def takes_matmul(delta: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) 
     at batch 64; 768 -> 3,072 units over 4 x 4 positions, 82 against 190 ms at batch 10), and faster than
     the matrix product where a sample's positions are many for the units (resnet18's 3x3 convolutions at
     batch 32: 1.07x to 3x the product's speed, 512 units over 7 x 7 positions the closest)."""
-    if delta.device.type != "cpu" or delta.dtype not in (torch.float32, torch.float64) or geom.transposed \
-            or geom.groups != 1 or weight.numel() * delta.element_size() < MATMUL_WEIGHT_BYTES:
+    if not _patch_product_applies(delta, geom) or weight.numel() * delta.element_size() < MATMUL_WEIGHT_BYTES:
         return False
     batched = delta.dim() == geom.dims + 2
     units = delta.shape[1] if batched else delta.shape[0]
@@ -157,15 +156,21 @@ def takes_matmul(delta: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) 
     return 0 < positions and (positions <= units or MATMUL_UNITS_PER_POSITION * per_sample <= units)
 
 
+def _patch_product_applies(delta: torch.Tensor, geom: ConvGeometry) -> bool:
+    """What both patch-product routes (:func:`takes_matmul`, :func:`_pointwise_channels_last`) ask first:
+    delta on the CPU in float32 or float64, for a convolution with groups=1, not transposed."""
+    return delta.device.type == "cpu" and delta.dtype in (torch.float32, torch.float64) \
+        and not geom.transposed and geom.groups == 1
+
+
 def _pointwise_channels_last(db: torch.Tensor, xb: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> bool:
     """Whether a 1x1 convolution (stride 1, no padding, groups=1) sees channels-last delta and input on
     the CPU in float32 or float64: its im2col matrix is then the input itself, a view, and delta * x^T
     one matrix product of two views ([C_out, positions] @ [positions, C_in]), with no copy. oneDNN's
     kernel took 3-20 % longer on timm convnext_atto's 1x1 layers (Xeon, AVX512, 1 thread), where its
     weight-gradient call on a batch of fewer than 16 samples goes to PyTorch's slow 2-d kernel."""
-    if db.device.type != "cpu" or db.dtype not in (torch.float32, torch.float64) or geom.transposed \
-            or geom.groups != 1 or geom.pads is not None or any(geom.padding) or any(s != 1 for s in geom.stride) \
-            or any(k != 1 for k in weight.shape[2:]) or db.dim() != 4:
+    if not _patch_product_applies(db, geom) or geom.pads is not None or any(geom.padding) \
+            or any(s != 1 for s in geom.stride) or any(k != 1 for k in weight.shape[2:]) or db.dim() != 4:
         return False
     return db.is_contiguous(memory_format=torch.channels_last) and xb.is_contiguous(memory_format=torch.channels_last)
 
@@ -195,7 +200,7 @@ def _depthwise_weight_grad(db: torch.Tensor, xb: torch.Tensor, kernel: Sequence[
     dims = len(kernel)
     groups = batch * channels
     padding = geom.padding if geom.pads is None else [0] * dims
-    x_padded = xb if geom.pads is None else F.pad(xb, list(geom.pads), mode=geom.mode)
+    x_padded = xb if geom.pads is None else _zero_or_explicit_pad(xb, geom)
     lags = torch.convolution(
         x_padded.reshape(1, groups, *x_padded.shape[2:]), db.reshape(groups, 1, *out_size), None,
         geom.dilation, padding, geom.stride, False, [0] * dims, groups)
